@@ -96,7 +96,7 @@ def build_model(
     `vocab_size` defaults to `len(tokenizer)`; pass a larger value to pad the embedding table (as real checkpoints
     do, e.g. 151936 vs 152064 rows), which the trainers handle by using the tokenizer's length.
     """
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     head_dim = hidden_size // num_attention_heads
     if head_dim < 32:
@@ -118,13 +118,15 @@ def build_model(
         bos_token_id=tokenizer.bos_token_id,
     )
     if arch == "qwen2":
-        config = Qwen2Config(**common, use_sliding_window=False)
+        config, model_cls = Qwen2Config(**common, use_sliding_window=False), Qwen2ForCausalLM
     elif arch == "llama":
-        config = LlamaConfig(**common, head_dim=head_dim)
+        config, model_cls = LlamaConfig(**common, head_dim=head_dim), LlamaForCausalLM
     else:
         raise ValueError(f"arch={arch!r} is not supported: use 'qwen2' or 'llama'.")
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # The class constructor, not `from_config`: under an active DeepSpeed ZeRO-3 config `from_config` would build a
+    # partitioned model, and these models are built to be saved whole.
+    model = model_cls(config).to(torch.float32)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
@@ -156,13 +158,25 @@ def cached_tiny(
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     root = Path(cache_dir or os.environ.get("SLEEP_TRL_CACHE", Path.home() / ".cache" / "sleep_trl"))
     path = root / "tiny" / f"{arch}-{digest}"
-    if not (path / "config.json").exists():
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        save_tiny(tmp, arch=arch, extra_texts=extra_texts, **kwargs)
-        try:
-            os.replace(tmp, path)
-        except OSError:  # another process won the race: its copy is identical
-            import shutil
+    if (path / "config.json").exists():
+        return path
+    import time
 
-            shutil.rmtree(tmp, ignore_errors=True)
+    from filelock import FileLock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Under `accelerate launch` every process asks at once. `save_pretrained` writes only on the main process, so the
+    # local main process builds (under a lock, against other launches) and the others wait for the folder.
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        deadline = time.monotonic() + 600
+        while not (path / "config.json").exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Waited 10 minutes for the local main process to build {path}.")
+            time.sleep(0.5)
+        return path
+    with FileLock(str(path) + ".lock"):
+        if not (path / "config.json").exists():
+            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+            save_tiny(tmp, arch=arch, extra_texts=extra_texts, **kwargs)
+            os.replace(tmp, path)
     return path

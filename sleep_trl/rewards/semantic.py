@@ -1,0 +1,72 @@
+"""The frozen semantic judge: says whether two texts mean the same thing.
+
+Learning to Imitate (paper notes §3c) rewards a student completion with `r_sem = 1` when "a frozen model says both
+mean the same". The paper does not name the model. Our default is the all-MiniLM-L6-v2 sentence-embedding model
+(Apache-2.0, shipped inside a PyPI package, so it works offline): two texts mean the same when the cosine similarity
+of their normalised embeddings is at least `threshold`. Any callable `(predictions, references) -> list[float]` can
+replace it.
+
+Threshold: measured with this model, a paraphrase of "Paris is the capital of France" scores 0.97-0.99 and the same
+sentence about another city/country 0.35; rewrites of one generated fact that keep its content score above 0.8 while
+swapping the entity or the attribute drops below it. 0.8 is our default; calibrate it on your own data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+SemanticJudgeFn = Callable[[Sequence[str], Sequence[str]], list[float]]
+
+
+class SemanticJudge:
+    """Cosine-similarity judge over a sentence-transformers model.
+
+    Args:
+        model_name_or_path: a sentence-transformers folder, or `"all-minilm-l6-v2"` for the packaged default.
+        threshold: cosine similarity at or above which two texts count as meaning the same.
+        binary: `True` returns 1.0/0.0 (the paper's judge); `False` returns the cosine clipped to [0, 1].
+        device: where the judge runs (it is small; "cpu" keeps accelerator memory for the policy).
+        batch_size: encoding batch size.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "all-minilm-l6-v2",
+        threshold: float = 0.8,
+        binary: bool = True,
+        device: str = "cpu",
+        batch_size: int = 64,
+    ):
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"semantic threshold must be in [0, 1], got {threshold}.")
+        from sentence_transformers import SentenceTransformer
+
+        from ..assets import resolve_model_path
+
+        self.model = SentenceTransformer(resolve_model_path(model_name_or_path), device=device)
+        self.model.eval()
+        self.threshold = threshold
+        self.binary = binary
+        self.batch_size = batch_size
+
+    def similarity(self, predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+        """Cosine similarity of each prediction with its reference (pairwise, not all-pairs)."""
+        if len(predictions) != len(references):
+            raise ValueError(f"{len(predictions)} predictions but {len(references)} references.")
+        if not predictions:
+            return []
+        emb = self.model.encode(
+            list(predictions) + list(references),
+            batch_size=self.batch_size,
+            normalize_embeddings=True,
+            convert_to_tensor=True,
+            show_progress_bar=False,
+        )
+        n = len(predictions)
+        return (emb[:n] * emb[n:]).sum(-1).float().cpu().tolist()
+
+    def __call__(self, predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+        sims = self.similarity(predictions, references)
+        if self.binary:
+            return [1.0 if s >= self.threshold else 0.0 for s in sims]
+        return [min(max(s, 0.0), 1.0) for s in sims]

@@ -1,0 +1,22 @@
+"""Dataset loading shared by the jobs: local files and folders, the embedded world, or a Hub dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def load_named_dataset(name: str, split: str = "train", config: str | None = None):
+    """`name` is a local data file (json/jsonl/csv/parquet), a folder saved with `save_to_disk`, or a Hub dataset."""
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    path = Path(name)
+    if path.suffix in _FILE_FORMATS and path.exists():
+        return load_dataset(_FILE_FORMATS[path.suffix], data_files=str(path), split="train")
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+        data = load_from_disk(str(path))
+        return data[split] if isinstance(data, DatasetDict) else data
+    if path.suffix in _FILE_FORMATS:
+        raise FileNotFoundError(f"`dataset_name` points to {name!r}, which does not exist.")
+    return load_dataset(name, name=config, split=split)

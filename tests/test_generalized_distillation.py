@@ -1,0 +1,391 @@
+"""GeneralizedDistillationTrainer: the Knowledge Seeding objective against TRL and hand-written references."""
+
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM
+
+from sleep_trl.trainers.generalized_distillation_config import GeneralizedDistillationConfig
+from sleep_trl.trainers.generalized_distillation_trainer import (
+    GeneralizedDistillationTrainer,
+    clipped_policy_loss,
+    generalized_jsd,
+    group_advantages,
+)
+
+
+def cpu_args(tmp_path, **kw):
+    base = dict(
+        output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, per_device_train_batch_size=4, max_steps=2,
+        max_completion_length=8, logging_steps=1, report_to="none", save_strategy="no", gradient_checkpointing=False,
+        learning_rate=1e-3, seed=0, num_imitation_generations=2, gamma=0.0,
+    )
+    base.update(kw)
+    return GeneralizedDistillationConfig(**base)
+
+
+def prompts(n=8, conversational=True):
+    texts = [f"Tell me about the river number {i}." for i in range(n)]
+    if conversational:
+        return Dataset.from_dict({"prompt": [[{"role": "user", "content": t}] for t in texts]})
+    return Dataset.from_dict({"prompt": texts})
+
+
+def reference_divergence(student_logits, teacher_logits, mask, beta, temperature=1.0):
+    """Generalized JSD written from its definition in probability space, averaged over valid tokens."""
+    ps = torch.softmax(student_logits.double() / temperature, -1)
+    pt = torch.softmax(teacher_logits.double() / temperature, -1)
+    if beta == 0.0:
+        d = (pt * (pt.log() - ps.log())).sum(-1)
+    elif beta == 1.0:
+        d = (ps * (ps.log() - pt.log())).sum(-1)
+    else:
+        m = beta * pt + (1 - beta) * ps
+        d = beta * (pt * (pt.log() - m.log())).sum(-1) + (1 - beta) * (ps * (ps.log() - m.log())).sum(-1)
+    return (d * mask).sum() / mask.sum()
+
+
+def handmade_batch(tokenizer, seed=0, batch=3, prompt_len=5, completion_len=6):
+    g = torch.Generator().manual_seed(seed)
+    V = len(tokenizer)
+    prompt_ids = torch.randint(10, V, (batch, prompt_len), generator=g)
+    prompt_mask = torch.ones_like(prompt_ids)
+    prompt_mask[0, :2] = 0  # left padding
+    prompt_ids[0, :2] = tokenizer.pad_token_id
+    completion_ids = torch.randint(10, V, (batch, completion_len), generator=g)
+    completion_mask = torch.ones_like(completion_ids)
+    completion_mask[1, 4:] = 0  # right padding
+    completion_ids[1, 4:] = tokenizer.pad_token_id
+    return {
+        "prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+        "completion_mask": completion_mask, "num_items_in_batch": completion_mask.sum(),
+    }
+
+
+def completion_logits(model, batch):
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    K = batch["completion_ids"].size(1)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits[:, -K - 1 : -1]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pure pieces of the objective
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_dense_generalized_jsd_matches_definition(beta):
+    g = torch.Generator().manual_seed(1)
+    zs, zt = torch.randn(5, 11, generator=g), torch.randn(5, 11, generator=g)
+    ours = generalized_jsd(zs, torch.log_softmax(zt / 2.0, -1), beta, temperature=2.0)
+    ref = reference_divergence(zs[None], zt[None], torch.ones(1, 5), beta, temperature=2.0)
+    assert torch.allclose(ours.double().mean(), ref, atol=1e-6)
+
+
+def test_group_advantages_hand_values():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5]])
+    adv = group_advantages(rewards, scale=True, eps=0.0 + 1e-4)
+    std = math.sqrt(1 / 3)  # unbiased std of [1, 0, 0, 1]
+    assert torch.allclose(adv[0], torch.tensor([0.5, -0.5, -0.5, 0.5]) / (std + 1e-4), atol=1e-6)
+    assert torch.equal(adv[1], torch.zeros(4))
+    assert torch.allclose(group_advantages(rewards, scale=False)[0], torch.tensor([0.5, -0.5, -0.5, 0.5]))
+
+
+def test_clipped_policy_loss_hand_values():
+    # ratio e^{0.5} = 1.6487 is clipped to 1.2 for a positive advantage; e^{-0.5} = 0.6065 to 0.8 for a negative one
+    # only when that is the pessimistic (larger-loss) choice.
+    logps = torch.tensor([[0.5, 0.0], [-0.5, 0.0]])
+    old = torch.zeros(2, 2)
+    adv = torch.tensor([2.0, -1.0])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    loss = clipped_policy_loss(logps, old, adv, mask, epsilon=0.2, normalizer=3.0)
+    # token (0,0): -min(1.6487*2, 1.2*2) = -2.4; (0,1): -min(2, 2) = -2; (1,0): -min(0.6065*-1, 0.8*-1) = 0.8
+    expected = (-2.4 - 2.0 + 0.8) / 3.0
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_clipped_policy_loss_gradient_is_reinforce_at_ratio_one():
+    logps = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    adv = torch.tensor([0.7])
+    clipped_policy_loss(logps, logps.detach(), adv, torch.ones(1, 2), 0.2, 2.0).backward()
+    assert torch.allclose(logps.grad, torch.tensor([[-0.35, -0.35]]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The distillation term against TRL and against the definition
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_alpha_one_reproduces_trl_distillation_loss(tmp_path, student_dir, teacher_dir, tiny_tokenizer, beta):
+    from trl import DistillationConfig, DistillationTrainer
+
+    # TRL's DistillationTrainer insists on equal vocab sizes, which our tiny student/teacher have.
+    student = AutoModelForCausalLM.from_pretrained(student_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    batch = handmade_batch(tiny_tokenizer)
+    common = dict(output_dir=str(tmp_path / "trl"), use_cpu=True, bf16=False, report_to="none", beta=beta,
+                  temperature=1.3, gradient_checkpointing=False)
+    trl_trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=DistillationConfig(**common), train_dataset=prompts(),
+        processing_class=tiny_tokenizer,
+    )
+    ours = GeneralizedDistillationTrainer(
+        model=student, teacher_model=teacher, processing_class=tiny_tokenizer, train_dataset=prompts(),
+        args=GeneralizedDistillationConfig(**{**common, "output_dir": str(tmp_path / "ours")}, alpha=1.0, lmbda=1.0),
+    )
+    student.train()
+    trl_loss = trl_trainer.compute_loss(trl_trainer.model, dict(batch))
+    our_loss = ours.compute_loss(ours.model, dict(batch))
+    assert our_loss.item() == pytest.approx(trl_loss.item(), rel=1e-6, abs=1e-7)
+    ref = reference_divergence(
+        completion_logits(student, batch), completion_logits(teacher, batch), batch["completion_mask"], beta, 1.3
+    )
+    assert our_loss.item() == pytest.approx(ref.item(), rel=1e-4, abs=1e-6)
+
+
+def test_padded_teacher_vocab_uses_tokenizer_length(tmp_path, student_dir, teacher_dir, tiny_tokenizer):
+    """A teacher whose embedding table is padded (more rows than the tokenizer) gives the same loss as unpadded."""
+    student = AutoModelForCausalLM.from_pretrained(student_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    padded = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    V = len(tiny_tokenizer)
+    padded.resize_token_embeddings(V + 64, mean_resizing=False)
+    with torch.no_grad():
+        padded.get_output_embeddings().weight[V:] = 5.0  # garbage in the padding rows must not matter
+    batch = handmade_batch(tiny_tokenizer, seed=3)
+    losses = []
+    for i, t in enumerate([teacher, padded]):
+        trainer = GeneralizedDistillationTrainer(
+            model=student, teacher_model=t, processing_class=tiny_tokenizer, train_dataset=prompts(),
+            args=cpu_args(tmp_path / str(i), alpha=1.0, beta=0.5),
+        )
+        losses.append(trainer.compute_loss(trainer.model, dict(batch)).item())
+    assert trainer._needs_vocab_slice
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    # Sampling never produces ids beyond the tokenizer: they are suppressed.
+    assert set(range(V, V + 64)) <= set(trainer.generation_config.suppress_tokens)
+
+
+def test_different_tokenizer_is_a_clear_error(tmp_path, student_dir):
+    from sleep_trl.tiny import build_tokenizer, save_tiny
+
+    other = save_tiny(tmp_path / "other", tokenizer=build_tokenizer(extra_texts=["zebra quokka axolotl " * 5]))
+    with pytest.raises(ValueError, match="different tokenizer"):
+        GeneralizedDistillationTrainer(
+            model=str(student_dir), teacher_model=str(other), train_dataset=prompts(), args=cpu_args(tmp_path)
+        )
+
+
+@pytest.mark.parametrize("combination", ["logit_mean", "prob_mean"])
+def test_several_teachers_match_their_definition(tmp_path, tiny_dir, student_dir, teacher_dir, tiny_tokenizer,
+                                                 combination):
+    student = AutoModelForCausalLM.from_pretrained(student_dir)
+    t1 = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    t2 = AutoModelForCausalLM.from_pretrained(tiny_dir("teacher_llama", arch="llama", seed=5))
+    trainer = GeneralizedDistillationTrainer(
+        model=student, teacher_model=[t1, t2], processing_class=tiny_tokenizer, train_dataset=prompts(),
+        args=cpu_args(tmp_path, alpha=1.0, beta=0.0, teacher_weights=[3.0, 1.0], teacher_combination=combination),
+    )
+    batch = handmade_batch(tiny_tokenizer, seed=4)
+    student.train()
+    loss = trainer.compute_loss(trainer.model, dict(batch)).item()
+    z1, z2 = completion_logits(t1, batch).double(), completion_logits(t2, batch).double()
+    if combination == "logit_mean":
+        pt = torch.softmax(0.75 * z1 + 0.25 * z2, -1)
+    else:
+        pt = 0.75 * torch.softmax(z1, -1) + 0.25 * torch.softmax(z2, -1)
+    ps = torch.softmax(completion_logits(student, batch).double(), -1)
+    mask = batch["completion_mask"]
+    ref = ((pt * (pt.log() - ps.log())).sum(-1) * mask).sum() / mask.sum()  # beta = 0: KL(teacher || student)
+    assert loss == pytest.approx(ref.item(), rel=1e-4)
+
+
+def test_teacher_prompt_column_conditions_only_the_teacher(tmp_path, student_dir, teacher_dir, tiny_tokenizer):
+    student = AutoModelForCausalLM.from_pretrained(student_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    trainer = GeneralizedDistillationTrainer(
+        model=student, teacher_model=teacher, processing_class=tiny_tokenizer, train_dataset=prompts(),
+        args=cpu_args(tmp_path, alpha=1.0, beta=1.0),
+    )
+    batch = handmade_batch(tiny_tokenizer, seed=6)
+    context = handmade_batch(tiny_tokenizer, seed=7, prompt_len=9)
+    batch["teacher_prompt_ids"], batch["teacher_prompt_mask"] = context["prompt_ids"], context["prompt_mask"]
+    student.train()
+    loss = trainer.compute_loss(trainer.model, dict(batch)).item()
+    teacher_batch = {**batch, "prompt_ids": context["prompt_ids"], "prompt_mask": context["prompt_mask"]}
+    ref = reference_divergence(
+        completion_logits(student, batch), completion_logits(teacher, teacher_batch), batch["completion_mask"], 1.0
+    )
+    assert loss == pytest.approx(ref.item(), rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training behaviour
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_only_trainable_parameters_change(tmp_path, student_dir, teacher_dir):
+    chosen = ["model.layers.1.mlp.down_proj.weight", r"model\.layers\.2\.mlp\.(gate|up)_proj\.weight"]
+    trainer = GeneralizedDistillationTrainer(
+        model=str(student_dir), teacher_model=str(teacher_dir), train_dataset=prompts(),
+        args=cpu_args(tmp_path, trainable_parameters=chosen, weight_decay=0.1, lmbda=0.5, alpha=0.5),
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    learned = {"model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.gate_proj.weight",
+               "model.layers.2.mlp.up_proj.weight"}
+    for name, p in trainer.model.named_parameters():
+        if name in learned:
+            assert not torch.equal(p, before[name]), f"{name} should have learned"
+        else:
+            assert torch.equal(p, before[name]), f"{name} must stay bit-identical"
+    assert trainer.num_trainable_parameters == sum(before[n].numel() for n in learned)
+    logged = trainer.state.log_history[0]
+    for key in ("distill/loss", "distill/on_policy", "imitation/reward", "imitation/reward_semantic",
+                "imitation/reward_edit", "trainable_parameters"):
+        assert key in logged, key
+    assert logged["trainable_parameters"] == trainer.num_trainable_parameters
+
+
+def test_unknown_trainable_pattern_is_a_clear_error(tmp_path, student_dir, teacher_dir):
+    with pytest.raises(ValueError, match="trainable_parameters.*matches no parameter"):
+        GeneralizedDistillationTrainer(
+            model=str(student_dir), teacher_model=str(teacher_dir), train_dataset=prompts(),
+            args=cpu_args(tmp_path, trainable_parameters=["model.layers.9.mlp.nothing"]),
+        )
+
+
+def test_lmbda_chooses_who_writes_the_sequences(tmp_path, student_dir, teacher_dir, tiny_tokenizer):
+    completions = [[{"role": "assistant", "content": f"The river {i} is long and blue."}] for i in range(8)]
+    ds = prompts().add_column("completion", completions)
+    trainer = GeneralizedDistillationTrainer(
+        model=str(student_dir), teacher_model=str(teacher_dir), train_dataset=ds,
+        args=cpu_args(tmp_path, lmbda=0.0, seq_kd=False, alpha=1.0, max_completion_length=32),
+    )
+    trainer.model.train()
+    inputs = [ds[i] for i in range(4)]
+    out = trainer._generate_and_score_completions(inputs)
+    assert trainer._metrics["train"]["distill/on_policy"] == [0.0]
+    for row, example in zip(range(4), inputs):
+        ids = out["completion_ids"][row][out["completion_mask"][row].bool()].tolist()
+        text = tiny_tokenizer.decode(ids, skip_special_tokens=True)
+        assert text == example["completion"][0]["content"]
+        assert ids[-1] == tiny_tokenizer.eos_token_id
+    trainer.args.lmbda = 1.0
+    trainer._generate_and_score_completions(inputs)
+    assert trainer._metrics["train"]["distill/on_policy"] == [0.0, 1.0]
+
+
+def test_seq_kd_false_without_completions_fails_early(tmp_path, student_dir, teacher_dir):
+    with pytest.raises(ValueError, match="'completion' column"):
+        GeneralizedDistillationTrainer(
+            model=str(student_dir), teacher_model=str(teacher_dir), train_dataset=prompts(),
+            args=cpu_args(tmp_path, lmbda=0.5, seq_kd=False),
+        )
+
+
+def test_imitation_rollouts_rewards_and_groups(tmp_path, student_dir, teacher_dir, tiny_tokenizer):
+    from sleep_trl.rewards import edit_similarity
+
+    seen = {}
+
+    def judge(predictions, references):
+        seen["pairs"] = list(zip(predictions, references))
+        return [1.0 if i % 2 == 0 else 0.0 for i in range(len(predictions))]
+
+    trainer = GeneralizedDistillationTrainer(
+        model=str(student_dir), teacher_model=str(teacher_dir), train_dataset=prompts(), semantic_judge=judge,
+        args=cpu_args(tmp_path, alpha=0.0, gamma=0.25, num_imitation_generations=3, max_completion_length=10),
+    )
+    trainer.model.train()
+    out = trainer._generate_and_score_completions([prompts()[i] for i in range(4)])
+    assert out["imit_completion_ids"].shape[:2] == (4, 3)
+    teacher_samples = trainer._last_teacher_completions
+    # distillation sequences of an alpha=0 batch are the teacher samples themselves
+    for row in range(4):
+        ids = out["completion_ids"][row][out["completion_mask"][row].bool()].tolist()
+        assert ids == teacher_samples[row]
+    # each rollout prompt = student prompt + a prefix of the teacher sample; rewards recomputed by hand
+    r_sem = torch.tensor([1.0 if i % 2 == 0 else 0.0 for i in range(12)]).view(4, 3)
+    r_abs = torch.zeros(4, 3)
+    suffix_lengths = []
+    for b in range(4):
+        p_ids = out["prompt_ids"][b][out["prompt_mask"][b].bool()].tolist()
+        for g in range(3):
+            full = out["imit_prompt_ids"][b, g][out["imit_prompt_mask"][b, g].bool()].tolist()
+            assert full[: len(p_ids)] == p_ids
+            prefix = full[len(p_ids):]
+            assert teacher_samples[b][: len(prefix)] == prefix
+            suffix = teacher_samples[b][len(prefix):]
+            assert len(suffix) >= 1
+            cont = out["imit_completion_ids"][b, g][out["imit_completion_mask"][b, g].bool()].tolist()
+            suffix_lengths.append(len(suffix))
+            r_abs[b, g] = edit_similarity(cont, suffix)
+    # continuations are bounded by the longest remaining target of the batch
+    assert int(out["imit_completion_mask"].sum(-1).max()) <= max(suffix_lengths)
+    rewards = 0.25 * r_sem + 0.75 * r_abs
+    assert torch.allclose(out["imit_advantages"], group_advantages(rewards), atol=1e-5)
+    assert len(seen["pairs"]) == 12
+
+
+def test_model_card_is_written_on_save(tmp_path, student_dir, teacher_dir):
+    trainer = GeneralizedDistillationTrainer(
+        model=str(student_dir), teacher_model=str(teacher_dir), train_dataset=prompts(),
+        args=cpu_args(tmp_path, max_steps=1, alpha=1.0),
+    )
+    trainer.train()
+    trainer.save_model()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "knowledge-seeding" in card and "sleep-trl" in card
+    assert "2606.03979" in card and "@article{behrouz2026sleep" in card
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_self_seeding_through_a_peft_view_holds_one_copy(tmp_path, student_dir):
+    from peft import LoraConfig
+
+    trainer = GeneralizedDistillationTrainer(
+        model=str(student_dir), train_dataset=prompts(),
+        peft_config=LoraConfig(r=4, target_modules=["down_proj"], init_lora_weights=False),
+        args=cpu_args(tmp_path, teacher_view="disable_adapter", alpha=1.0, lmbda=1.0, max_steps=1),
+    )
+    assert trainer.teacher_model is None and trainer.teachers[0].is_view
+    student_storage = {p.data_ptr() for p in trainer.model.parameters()}
+    held = set()
+    for t in trainer.teachers:
+        if t.model is not None:
+            held |= {p.data_ptr() for p in t.model.parameters()}
+    assert held <= student_storage  # no second copy of any weight
+    # the teacher view is the model without its adapter: the base model's distribution
+    batch = handmade_batch(trainer._tokenizer, seed=8)
+    base = AutoModelForCausalLM.from_pretrained(student_dir)
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    unwrapped = trainer.model
+    with torch.no_grad():
+        h_view = trainer._teacher_hidden(trainer.teachers[0], unwrapped, ids, mask, 6)
+        h_base = base.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, -7:-1]
+        h_student = trainer._get_last_hidden_state(unwrapped, ids, mask, 6)
+    assert torch.allclose(h_view, h_base, atol=1e-5)
+    assert not torch.allclose(h_student, h_base, atol=1e-3)  # the adapter does change the student
+    trainer.train()
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [("lmbda", 1.5, "lmbda"), ("alpha", -0.1, "alpha"), ("teacher_combination", "max", "teacher_combination"),
+     ("edit_distance_unit", "word", "edit_distance_unit"), ("teacher_view", "copy", "teacher_view")],
+)
+def test_config_rejects_bad_values_naming_the_field(tmp_path, field, value, match):
+    with pytest.raises(ValueError, match=match):
+        cpu_args(tmp_path, **{field: value})
+
+
+def test_gamma_needs_a_judge(tmp_path):
+    with pytest.raises(ValueError, match="semantic_judge"):
+        cpu_args(tmp_path, alpha=0.5, gamma=0.5, semantic_judge=None)
