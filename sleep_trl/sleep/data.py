@@ -1,0 +1,57 @@
+"""What each phase of the cycle trains on, built from the embedded world's sessions."""
+
+from __future__ import annotations
+
+import random
+
+from datasets import Dataset
+
+
+def wake_texts(session, tokenizer) -> list[str]:
+    """The session's documents as plain text, plus its training question/answer pairs through the chat template
+    (language modelling over both: the documents carry the facts, the pairs teach answering them)."""
+    texts = list(session.documents["text"])
+    chat = getattr(tokenizer, "chat_template", None) is not None
+    for row in session.train_sft:
+        if chat:
+            texts.append(tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False))
+        else:
+            texts.append(f"Question: {row['prompt'][0]['content']}\nAnswer: {row['completion'][0]['content']}")
+    return texts
+
+
+def _documents_by_entity(session) -> dict[str, str]:
+    docs: dict[str, str] = {}
+    for row in session.document_rows:
+        docs.setdefault(row["entity"], row["text"])
+    return docs
+
+
+def consolidation_prompts(world, k: int, replay_per_session: int, seed: int, with_context: bool) -> Dataset:
+    """Prompts for consolidating session `k`: its training questions and one "tell me about" per entity, plus
+    `replay_per_session` training questions of every earlier session (the teacher regenerates their answers).
+
+    With `with_context`, the session's own rows get a `teacher_prompt` holding the entity's document before the
+    question (the knowledge is in the teacher's context, not in its weights); replayed rows keep the bare prompt.
+    """
+    rng = random.Random(seed)
+    session = world.sessions[k]
+    docs = _documents_by_entity(session)
+    rows = []
+
+    def add(question: str, context: str | None):
+        prompt = [{"role": "user", "content": question}]
+        teacher = [{"role": "user", "content": f"{context}\n\n{question}"}] if context else prompt
+        rows.append({"prompt": prompt, "teacher_prompt": teacher})
+
+    for fact in session.facts:
+        for question in fact.train_questions:
+            add(question, docs[fact.entity] if with_context else None)
+    for entity, doc in docs.items():
+        add(f"Tell me about {entity}.", doc if with_context else None)
+    for j in range(k):
+        questions = [q for f in world.sessions[j].facts for q in f.train_questions]
+        for question in rng.sample(questions, min(replay_per_session, len(questions))):
+            add(question, None)
+    data = Dataset.from_list(rows)
+    return data if with_context else data.remove_columns("teacher_prompt")

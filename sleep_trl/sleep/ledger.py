@@ -1,0 +1,99 @@
+"""The run ledger: which phases of the Sleep cycle are finished, so a killed run resumes where it stopped.
+
+`cycle_state.json` in the output directory records the configuration fingerprint and, per finished phase, its
+session, name, duration, metrics and checkpoint folder. It is rewritten atomically (temporary file + rename) after
+each phase, so an interruption leaves either the previous ledger or the new one, never half of one. A phase counts
+as done only once its checkpoint is fully written and the ledger names it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LEDGER_NAME = "cycle_state.json"
+FORMAT = "sleep_trl.cycle/1"
+
+
+class LedgerMismatchError(RuntimeError):
+    """The output directory holds a run with a different configuration."""
+
+
+@dataclass
+class PhaseRecord:
+    session: int
+    phase: str
+    seconds: float
+    checkpoint: str | None = None
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class Ledger:
+    path: Path
+    fingerprint: dict
+    phases: list[PhaseRecord] = field(default_factory=list)
+    matrix: dict | None = None
+    finished: bool = False
+
+    @classmethod
+    def open(cls, output_dir: str | os.PathLike, fingerprint: dict) -> Ledger:
+        """Load the ledger of `output_dir`, or start one. Refuses a directory that holds anything else."""
+        output_dir = Path(output_dir)
+        path = output_dir / LEDGER_NAME
+        if path.exists():
+            data = json.loads(path.read_text())
+            if data.get("format") != FORMAT:
+                raise LedgerMismatchError(f"{path} is not a sleep-trl run ledger.")
+            stored = data["fingerprint"]
+            if stored != fingerprint:
+                diff = sorted(k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k))
+                raise LedgerMismatchError(
+                    f"{output_dir} holds a run with a different configuration (fields differ: {', '.join(diff)}). "
+                    "Resume it with its own configuration, or choose a new `output_dir`: finished work is never "
+                    "overwritten."
+                )
+            return cls(
+                path=path,
+                fingerprint=stored,
+                phases=[PhaseRecord(**p) for p in data["phases"]],
+                matrix=data.get("matrix"),
+                finished=data.get("finished", False),
+            )
+        if output_dir.exists() and any(output_dir.iterdir()):
+            raise LedgerMismatchError(
+                f"{output_dir} exists and is not empty, but holds no sleep-trl run. Choose a new `output_dir`."
+            )
+        output_dir.mkdir(parents=True, exist_ok=True)
+        ledger = cls(path=path, fingerprint=fingerprint)
+        ledger.write()
+        return ledger
+
+    def done(self, session: int, phase: str) -> bool:
+        return any(p.session == session and p.phase == phase for p in self.phases)
+
+    def last_checkpoint(self) -> str | None:
+        for record in reversed(self.phases):
+            if record.checkpoint is not None:
+                return record.checkpoint
+        return None
+
+    def record(self, record: PhaseRecord, matrix: dict | None = None) -> None:
+        self.phases.append(record)
+        if matrix is not None:
+            self.matrix = matrix
+        self.write()
+
+    def write(self) -> None:
+        data = {
+            "format": FORMAT,
+            "fingerprint": self.fingerprint,
+            "phases": [vars(p) for p in self.phases],
+            "matrix": self.matrix,
+            "finished": self.finished,
+        }
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, self.path)

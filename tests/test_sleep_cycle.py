@@ -1,0 +1,148 @@
+"""The Sleep cycle on a tiny model: phase order, fast-level reset, baseline mode, resume after a real interruption."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sleep_trl.cli import parse_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes/sleep_tiny.yaml"
+FAST = ["--num_sessions", "2", "--sleep_steps", "2", "--wake_epochs", "0.5"]
+
+
+def tiny_config(output_dir, *extra):
+    _, _, (config,) = parse_recipe(RECIPE, ["--output_dir", str(output_dir), *FAST, *extra])
+    return config
+
+
+def run_cycle(config):
+    from rich.console import Console
+
+    from sleep_trl.sleep import SleepCycle
+
+    return SleepCycle(config, console=Console(quiet=True)).run()
+
+
+def memory_tensors(directory):
+    return load_file(str(Path(directory) / "memory.safetensors"))
+
+
+def memory_state(directory):
+    return json.loads((Path(directory) / "memory_config.json").read_text())["state"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cycle") / "run"
+    report = run_cycle(tiny_config(out))
+    return out, report
+
+
+def test_phases_run_in_order_at_each_session_boundary(finished_run):
+    out, report = finished_run
+    order = [(p["session"], p["phase"]) for p in report["phases"]]
+    assert order == [(-1, "base"), (0, "wake"), (0, "consolidate"), (0, "eval"),
+                     (1, "wake"), (1, "consolidate"), (1, "eval")]
+    # every session was evaluated after it was learned, and the zero-shot cells before
+    R = report["accuracy_matrix"]["R"]
+    assert all(x is not None for row in R for x in row)
+    assert [e["session"] for e in report["experts_added"]] == [0, 1]
+    for name in ("sleep_report.json", "accuracy_matrix.png", "model/README.md", "model/memory.safetensors"):
+        assert (out / name).exists(), name
+    assert "Sleep lineage" in (out / "model/README.md").read_text()
+
+
+def test_fast_level_is_reset_after_consolidation_and_slow_experts_accumulate(finished_run):
+    out, _ = finished_run
+    for k in range(2):
+        after_wake = memory_state(out / f"checkpoints/s{k}-wake")
+        after_sleep = memory_state(out / f"checkpoints/s{k}-consolidate")
+        assert after_wake["unlocked"] == {"fast": 1, "slow": k}
+        assert after_sleep["unlocked"] == {"fast": 0, "slow": k + 1}
+        assert after_sleep["suspended"] == []
+        tensors = memory_tensors(out / f"checkpoints/s{k}-consolidate")
+        woke = memory_tensors(out / f"checkpoints/s{k}-wake")
+        fast_down = [key for key in tensors if ".fast.down" in key]
+        assert fast_down and all(torch.count_nonzero(tensors[key]) == 0 for key in fast_down)  # pruned
+        assert any(torch.count_nonzero(woke[key]) > 0 for key in fast_down)  # the wake did write there
+        # the expert consolidated in an earlier session is frozen afterwards
+        if k == 1:
+            before = memory_tensors(out / "checkpoints/s0-consolidate")
+            for key in tensors:
+                if ".slow." in key and key.endswith("_0"):
+                    assert torch.equal(tensors[key], before[key]), key
+
+
+def test_existing_run_with_another_config_is_refused(finished_run):
+    from sleep_trl.sleep.ledger import LedgerMismatchError
+
+    out, _ = finished_run
+    with pytest.raises(LedgerMismatchError, match="sleep_steps"):
+        run_cycle(tiny_config(out, "--sleep_steps", "3"))
+
+
+def test_finished_run_is_not_redone(finished_run):
+    out, report = finished_run
+    stamp = (out / "sleep_report.json").stat().st_mtime_ns
+    again = run_cycle(tiny_config(out))
+    assert again["accuracy_matrix"]["R"] == report["accuracy_matrix"]["R"]
+    assert (out / "sleep_report.json").stat().st_mtime_ns == stamp
+
+
+def test_sleep_off_is_sequential_finetuning_of_the_same_parameters(tmp_path):
+    report = run_cycle(tiny_config(tmp_path / "off", "--sleep", "false"))
+    assert [(p["session"], p["phase"]) for p in report["phases"]] == [
+        (-1, "base"), (0, "wake"), (0, "eval"), (1, "wake"), (1, "eval")]
+    state = memory_state(tmp_path / "off/checkpoints/s1-wake")
+    assert state["unlocked"] == {"fast": 1, "slow": 2}  # every slot the sleeping run would use, never reset
+    wake = [p for p in report["phases"] if p["phase"] == "wake"]
+    cfg = report["config"]
+    assert all(p["metrics"]["steps"] > cfg["sleep_steps"] for p in wake)
+
+
+@pytest.mark.slow
+def test_resume_after_kill_gives_the_same_result(tmp_path, finished_run):
+    """Kill a real run (SIGKILL) right after its first consolidation, start it again: same memory, same answers."""
+    reference_dir, reference = finished_run
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "sleep_trl", str(RECIPE), "--output_dir", str(out), *FAST]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ledger = out / "cycle_state.json"
+    deadline = time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline:
+            if ledger.exists():
+                phases = json.loads(ledger.read_text())["phases"]
+                if any(p["phase"] == "consolidate" for p in phases):
+                    break
+            assert proc.poll() is None, "the run ended before it could be interrupted"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    interrupted = json.loads(ledger.read_text())
+    assert not interrupted["finished"]
+    done_before = [(p["session"], p["phase"]) for p in interrupted["phases"]]
+    assert (0, "consolidate") in done_before and (1, "eval") not in done_before
+
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "Resuming" in resumed.stdout
+    report = json.loads((out / "sleep_report.json").read_text())
+    # no finished phase was repeated, none is missing
+    assert [(p["session"], p["phase"]) for p in report["phases"]] == [
+        (p["session"], p["phase"]) for p in reference["phases"]]
+    assert report["accuracy_matrix"]["R"] == reference["accuracy_matrix"]["R"]
+    assert report["accuracy_matrix"]["records"] == reference["accuracy_matrix"]["records"]
+    a, b = memory_tensors(out / "model"), memory_tensors(reference_dir / "model")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
