@@ -219,21 +219,28 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
             )
 
         teacher_sources = self._teacher_sources(teacher_model, args)
+        if args.use_vllm:
+            from ..generation.vllm_cpu import without_trl_engine
+
+            engine_context = without_trl_engine(args)  # on vLLM's CPU backend we build the engine ourselves
+        else:
+            engine_context = contextlib.nullcontext(False)
         # TRL's parent rejects any teacher whose vocab_size differs from the student's; the teachers are therefore
         # loaded and prepared here, after the parent's __init__ (same steps as the parent, per teacher).
-        super().__init__(
-            model=model,
-            teacher_model=None,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-            tools=tools,
-        )
+        with engine_context as deferred_engine:
+            super().__init__(
+                model=model,
+                teacher_model=None,
+                args=args,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                quantization_config=quantization_config,
+                peft_config=peft_config,
+                tools=tools,
+            )
         self.vocab_size = len(self._tokenizer)
         self.teachers = self._build_teachers(teacher_sources, args, teacher_view)
         self.teacher_model = next((t.model for t in self.teachers if not t.is_view), None)
@@ -266,6 +273,9 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
         self._last_teacher_completions: list[list[int]] | None = None
         self._loss_parts: dict[str, torch.Tensor] = {}
         self._concat_teacher_head: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._teacher_engines: dict[int, Any] = {}
+        if deferred_engine or (self.use_vllm and args.vllm_mode == "colocate"):
+            self._setup_vllm(deferred_engine)
         self._suppress_padded_vocab()
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -422,6 +432,61 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
         suppress = list(self.generation_config.suppress_tokens or []) + padded
         self.generation_config.suppress_tokens = suppress
         self.generation_kwargs["suppress_tokens"] = suppress
+        if self.use_vllm:
+            vllm_kwargs = self.vllm_generation.generation_kwargs
+            vllm_kwargs["allowed_token_ids"] = list(range(self.vocab_size))
+
+    def _setup_vllm(self, deferred: bool) -> None:
+        """The colocate engine: built here on vLLM's CPU backend (TRL's cannot sync weights there), TRL's elsewhere.
+
+        A student carrying a continuum memory is served as its dense fold (`mem.export_dense`: every fixed-gate
+        expert becomes extra FFN neurons), and each sync pushes `mem.dense_state_dict()`, so the engine computes
+        exactly what the student computes (the fast level suspended, the new expert on)."""
+        from ..generation.vllm_cpu import attach_vllm_generation, enable_cpu_weight_sync
+
+        args = self.args
+        group = args.num_imitation_generations if args.alpha < 1.0 else 1
+        kwargs: dict[str, Any] = {
+            "max_num_seqs": args.per_device_train_batch_size * args.gradient_accumulation_steps * group
+        }
+        memory = self._memory()
+        if memory is not None:
+            routed = [lv.name for lv in memory.config.levels if lv.resolved_gate != "fixed"]
+            if routed:
+                raise ValueError(
+                    f"`use_vllm` needs every continuum-memory level to fold into dense weights, but {routed} use a "
+                    "per-token router. Use `gate='fixed'` for those levels, or `use_vllm: false`."
+                )
+            if not deferred:
+                raise ValueError(
+                    "`use_vllm` with a continuum memory is supported with the CPU colocate engine only for now; on "
+                    "GPU export the model with `mem.export_dense(dir)` first, or set `use_vllm: false`."
+                )
+            folder = Path(args.output_dir) / "vllm-engine"
+            if self.accelerator.is_main_process:
+                memory.export_dense(folder, tokenizer=self._tokenizer, overwrite=True)
+            self.accelerator.wait_for_everyone()
+            kwargs["model_path"] = folder
+        generation = attach_vllm_generation(self, **kwargs) if deferred else enable_cpu_weight_sync(self.vllm_generation)
+        if memory is not None:
+            generation.weights_fn = lambda: memory.dense_state_dict().items()
+
+    def _memory(self):
+        try:
+            from ..memory import find_memory
+        except ImportError:  # pragma: no cover
+            return None
+        return find_memory(self.model)
+
+    def _engine_weights(self):
+        """Checkpoint-format weights the vLLM engine serves for the model as it computes right now (so, read inside
+        a teacher view, the teacher's)."""
+        memory = self._memory()
+        if memory is not None:
+            return list(memory.dense_state_dict().items())
+        from ..generation.vllm_cpu import model_weights
+
+        return list(model_weights(self.accelerator.unwrap_model(self.model)))
 
     # ---------------------------------------------------------------------------------------------------------------
     # Generation: who writes the distillation sequences, teacher samples, imitation rollouts
@@ -576,7 +641,9 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
             if not rows and not self.is_deepspeed_enabled:
                 continue
             batch = [prompt_ids[i] for i in rows] or [prompt_ids[0]]
-            if teacher.is_view:
+            if self.use_vllm:
+                generated = self._vllm_teacher_generate(index, teacher, batch)
+            elif teacher.is_view:
                 with teacher.view():
                     generated = self._hf_generate(self.model_wrapped, batch)
             else:
@@ -584,6 +651,45 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
             for i, ids in zip(rows, generated):
                 completions[i] = ids
         return completions  # type: ignore[return-value]
+
+    def _vllm_sampling(self) -> dict[str, Any]:
+        vllm = self.vllm_generation
+        return dict(
+            max_tokens=vllm.max_completion_length, temperature=self.temperature, top_p=self.top_p,
+            top_k=self.top_k or 0, min_p=self.min_p or 0.0, repetition_penalty=self.repetition_penalty,
+            stop_token_ids=list(self.eos_token_ids), **dict(vllm.generation_kwargs),
+        )
+
+    def _vllm_teacher_generate(self, index: int, teacher: _Teacher, prompt_ids: list[list[int]]) -> list[list[int]]:
+        """Teacher samples through vLLM: a view of the student is swapped into the student's engine (no second copy
+        of the weights); a separate teacher checkpoint gets a frozen engine of its own, built on first use."""
+        sampling = self._vllm_sampling()
+        if teacher.is_view:
+            if self.state.global_step != self._last_loaded_step:
+                self.vllm_generation.sync_weights()
+                self._last_loaded_step = self.state.global_step
+
+            def teacher_weights():
+                with teacher.view():
+                    return self._engine_weights()
+
+            with self.vllm_generation.weights_swapped(teacher_weights):
+                return self.vllm_generation.generate_token_ids(prompt_ids, **sampling)
+        if index not in self._teacher_engines:
+            from ..generation.vllm_cpu import TeacherEngine
+
+            unwrapped = self.accelerator.unwrap_model(teacher.model)
+            path = getattr(unwrapped, "name_or_path", None)
+            if not path or not Path(path, "config.json").exists():
+                raise ValueError(
+                    f"`use_vllm` samples teacher {teacher.name!r} with an engine of its own, built from its checkpoint "
+                    "folder, but the model has none. Pass the teacher as a path, or `save_pretrained` it first."
+                )
+            self._teacher_engines[index] = TeacherEngine(
+                path, max_num_seqs=self.vllm_generation.max_num_seqs, max_model_len=self.args.vllm_max_model_length,
+                seed=self.args.seed,
+            )
+        return self._teacher_engines[index].generate(prompt_ids, **sampling)
 
     def _imitation_rollouts(self, prompt_ids, targets, mode: str) -> dict[str, torch.Tensor]:
         """Learning to Imitate: cut teacher samples at random prefixes, let the student continue, reward, advantage."""
