@@ -12,18 +12,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from sleep_trl.dreaming.inner_loop import IsolatedAdapter, compute_reward, evaluate_dreams, train_adapter
 from sleep_trl.dreaming.sft_data import collate, encode_example, token_nll_sum
 from sleep_trl.dreaming.tau import NoContextQA
-from sleep_trl.tiny import build_model, build_tokenizer
+from sleep_trl.tiny import build_model
 
 QUESTION = "Who founded Velmora?"
 ANSWER = "Idra Kestrel"
 TASK = {"context": "Velmora was founded by Idra Kestrel.", "questions": [QUESTION], "answers": [[ANSWER]]}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    tok = build_tokenizer()
-    tok.padding_side = "left"
-    return tok
 
 
 @pytest.fixture(scope="module")

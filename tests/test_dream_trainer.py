@@ -18,18 +18,11 @@ import sleep_trl.trainers.dream_trainer as dream_trainer_module
 from sleep_trl.dreaming.inner_loop import DreamEvaluation
 from sleep_trl.dreaming.passages import demo_tasks
 from sleep_trl.dreaming.sft_data import encode_example
-from sleep_trl.tiny import build_model, build_tokenizer
+from sleep_trl.tiny import build_model
 from sleep_trl.trainers.dream_config import DreamConfig
 from sleep_trl.trainers.dream_trainer import DreamTrainer
 
 M = 4  # dreams per context
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    tok = build_tokenizer()
-    tok.padding_side = "left"
-    return tok
 
 
 @pytest.fixture(scope="module")

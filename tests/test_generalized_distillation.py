@@ -389,3 +389,45 @@ def test_config_rejects_bad_values_naming_the_field(tmp_path, field, value, matc
 def test_gamma_needs_a_judge(tmp_path):
     with pytest.raises(ValueError, match="semantic_judge"):
         cpu_args(tmp_path, alpha=0.5, gamma=0.5, semantic_judge=None)
+
+
+def test_replay_rows_are_taught_by_the_long_term_memory(tmp_path, tiny_dir, tiny_tokenizer):
+    """Consolidation with replay: new rows are taught by the awake model (fast level on), replayed rows by the
+    long-term memory before this sleep (fast level silent), both without a second copy of the weights."""
+    from sleep_trl.memory import LevelConfig, MemoryConfig, attach_memory
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir("replay_llama", arch="llama", seed=7))
+    levels = [LevelConfig("fast", num_slots=1, rank=4, gate="fixed"), LevelConfig("slow", num_slots=2, rank=4,
+                                                                                   gate="fixed")]
+    mem = attach_memory(model, MemoryConfig(levels=levels))
+    mem.expand("fast")
+    with torch.no_grad():
+        for p in mem.parameters("fast", slots=[0]):
+            p.normal_(0, 0.5)
+    names = mem.expand("slow")
+    mem.suspend("fast")
+    data = prompts().add_column("replay", [i % 2 == 1 for i in range(8)])
+    trainer = GeneralizedDistillationTrainer(
+        model=model, processing_class=tiny_tokenizer, train_dataset=data,
+        args=cpu_args(tmp_path, teacher_view="memory", alpha=1.0, trainable_parameters=names, max_steps=1),
+    )
+    batch = handmade_batch(tiny_tokenizer, seed=9, batch=4)
+    replay = torch.tensor([False, True, False, True])
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    with torch.no_grad():
+        mixed = trainer._teacher_hidden(trainer.teachers[0], model, ids, mask, 6, replay)
+        with mem.teacher_view():
+            awake = trainer._get_last_hidden_state(model, ids, mask, 6)
+        asleep = trainer._get_last_hidden_state(model, ids, mask, 6)  # new slot has B = 0: the long-term memory
+    assert torch.allclose(mixed[~replay], awake[~replay], atol=1e-5)
+    assert torch.allclose(mixed[replay], asleep[replay], atol=1e-5)
+    assert not torch.allclose(awake, asleep, atol=1e-3)
+    trainer.train()
+
+
+def test_replay_rows_need_a_teacher_view(tmp_path, student_dir, teacher_dir):
+    data = prompts().add_column("replay", [True] * 8)
+    with pytest.raises(ValueError, match="replay"):
+        GeneralizedDistillationTrainer(model=str(student_dir), teacher_model=str(teacher_dir), train_dataset=data,
+                                       args=cpu_args(tmp_path))

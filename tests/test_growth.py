@@ -7,14 +7,9 @@ import pytest
 import torch
 
 from sleep_trl.memory import LevelConfig, MemoryConfig, attach_memory, grow_depth, grow_width
-from sleep_trl.tiny import build_model, build_tokenizer
+from sleep_trl.tiny import build_model
 
 ARCHS = ["llama", "qwen2"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -22,14 +22,9 @@ from sleep_trl.memory import (
     load_memory,
     read_memory_config,
 )
-from sleep_trl.tiny import build_model, build_tokenizer
+from sleep_trl.tiny import build_model
 
 ARCHS = ["llama", "qwen2"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +226,13 @@ def test_teacher_view_is_the_model_before_the_newest_expand(tokenizer, input_ids
     assert not torch.allclose(student, teacher, atol=1e-4)
     assert torch.equal(logits(model, input_ids), student)  # leaving the view restores the student
     assert mem.is_suspended("fast") and mem.unlocked("slow") == 1
+    # the long-term memory before this sleep (the replay teacher): the new slot masked and the fast level silent
+    with mem.teacher_view(suspend=["fast"]):
+        long_term = logits(model, input_ids)
+    torch.testing.assert_close(long_term, ref, atol=1e-6, rtol=0)
+    with pytest.raises(KeyError):
+        with mem.teacher_view(suspend=["no-such-level"]):
+            pass
 
 
 # --------------------------------------------------------------------------- reset

@@ -252,10 +252,17 @@ class ContinuumMemory:
             rec.viewable = False
 
     @contextlib.contextmanager
-    def teacher_view(self):
+    def teacher_view(self, suspend: Iterable[str] = ()):
         """Context manager: the model exactly as it was before the newest `expand` (that slot masked, levels
         suspended since then active again), sharing every weight with the student. Self-Knowledge Seeding's
-        teacher. Operations that change the memory are refused inside."""
+        teacher. Operations that change the memory are refused inside.
+
+        `suspend` silences levels in the view as well: `teacher_view(suspend=["fast"])` is the long-term memory as
+        it was before this sleep, the right teacher for replayed old knowledge (the awake fast level may have
+        overwritten it)."""
+        suspend = set(suspend)
+        for level in suspend:
+            self.config.level(level)
         if self._in_view:
             raise RuntimeError("mem.teacher_view() is already active: views do not nest.")
         if not self.history:
@@ -268,7 +275,7 @@ class ContinuumMemory:
             )
         saved = (dict(self.state.unlocked), set(self.state.suspended))
         self.state.unlocked.update(rec.unlocked_before)
-        self.state.suspended = set(rec.suspended_before)
+        self.state.suspended = set(rec.suspended_before) | suspend
         self._in_view = True
         try:
             yield self

@@ -18,11 +18,21 @@ from ..trainers.generalized_distillation_config import GeneralizedDistillationCo
 ARGUMENT_CLASSES = (ScriptArguments, GeneralizedDistillationConfig, ModelConfig)
 
 
+def world_seeding_dataset(seed: int):
+    """Every session's training questions of the embedded world; the teacher sees the entity's document first."""
+    from datasets import concatenate_datasets
+
+    from ..data.world import make_world
+    from ..sleep.data import consolidation_prompts
+
+    world = make_world(seed=seed)
+    parts = [consolidation_prompts(world, k, 0, seed, with_context=True) for k in range(len(world.sessions))]
+    return concatenate_datasets(parts).remove_columns("replay")
+
+
 def load_train_dataset(script_args: ScriptArguments, seed: int):
     if script_args.dataset_name in (None, "world"):
-        from ..data.world import make_world
-
-        return make_world(seed=seed).seeding_dataset()
+        return world_seeding_dataset(seed)
     from .data_loading import load_named_dataset
 
     return load_named_dataset(script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_config)

@@ -57,8 +57,11 @@ class SleepCycle:
         if ledger.finished:
             self.console.print(f"[bold]{self.output_dir} holds a finished run; nothing to do.")
             return load_report(self.output_dir, self.console)
-        if cfg.torch_threads:
-            torch.set_num_threads(cfg.torch_threads)
+        # `accelerate launch` exports OMP_NUM_THREADS=1 for every process; one process should use every core.
+        threads = cfg.torch_threads or (len(os.sched_getaffinity(0)) if int(os.environ.get("WORLD_SIZE", "1")) == 1
+                                        else None)
+        if threads:
+            torch.set_num_threads(threads)
         started = time.perf_counter()
         self.world = make_world(cfg.num_sessions, cfg.facts_per_session, cfg.seed, doc_variants=cfg.doc_variants)
         self.tokenizer, self.model = self._load_model()

@@ -33,16 +33,18 @@ def consolidation_prompts(world, k: int, replay_per_session: int, seed: int, wit
 
     With `with_context`, the session's own rows get a `teacher_prompt` holding the entity's document before the
     question (the knowledge is in the teacher's context, not in its weights); replayed rows keep the bare prompt.
+    Replayed rows are marked `replay`: the trainer teaches them from the long-term memory as it was before this
+    sleep, not from the awake model, whose fast memory may have overwritten the old answers.
     """
     rng = random.Random(seed)
     session = world.sessions[k]
     docs = _documents_by_entity(session)
     rows = []
 
-    def add(question: str, context: str | None):
+    def add(question: str, context: str | None, replay: bool = False):
         prompt = [{"role": "user", "content": question}]
         teacher = [{"role": "user", "content": f"{context}\n\n{question}"}] if context else prompt
-        rows.append({"prompt": prompt, "teacher_prompt": teacher})
+        rows.append({"prompt": prompt, "teacher_prompt": teacher, "replay": replay})
 
     for fact in session.facts:
         for question in fact.train_questions:
@@ -52,6 +54,6 @@ def consolidation_prompts(world, k: int, replay_per_session: int, seed: int, wit
     for j in range(k):
         questions = [q for f in world.sessions[j].facts for q in f.train_questions]
         for question in rng.sample(questions, min(replay_per_session, len(questions))):
-            add(question, None)
+            add(question, None, replay=True)
     data = Dataset.from_list(rows)
     return data if with_context else data.remove_columns("teacher_prompt")

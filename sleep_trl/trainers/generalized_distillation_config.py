@@ -97,6 +97,11 @@ class GeneralizedDistillationConfig(DistillationConfig):
             context: the model "learned it in context") while the student sees `prompt`; both are compared on the same
             completion tokens.
 
+        replay_column (`str`, *optional*, defaults to `"replay"`):
+            Rows whose value in this column is true are replayed old knowledge: with a teacher view they are taught
+            by the replay view instead (for `teacher_view: memory`, the long-term memory as it was before this sleep,
+            without the awake fast level, which may have overwritten old answers). Other teachers refuse the column.
+
         > Which parameters learn
 
         trainable_parameters (`list[str]` or `None`, *optional*, defaults to `None`):
@@ -164,6 +169,9 @@ class GeneralizedDistillationConfig(DistillationConfig):
     )
     teacher_prompt_column: str = field(
         default="teacher_prompt", metadata={"help": "Dataset column the teacher conditions on instead of `prompt`."}
+    )
+    replay_column: str = field(
+        default="replay", metadata={"help": "Dataset column marking replayed rows (taught by the replay view)."}
     )
     trainable_parameters: list[str] | None = field(
         default=None,

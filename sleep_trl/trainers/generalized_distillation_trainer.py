@@ -115,10 +115,18 @@ def logit_scale_of(config) -> float:
 class _Teacher:
     """One teacher: a separate (frozen, prepared) model, or the student itself seen through `view()`."""
 
-    def __init__(self, weight: float, model=None, view: Callable[[], Any] | None = None, name: str = "teacher"):
+    def __init__(
+        self,
+        weight: float,
+        model=None,
+        view: Callable[[], Any] | None = None,
+        name: str = "teacher",
+        replay_view: Callable[[], Any] | None = None,
+    ):
         self.weight = weight
         self.model = model  # wrapped/prepared module, or None for a view of the student
         self.view = view
+        self.replay_view = replay_view  # the view that teaches replayed (old) prompts, for a view teacher
         self.name = name
 
     @property
@@ -177,6 +185,8 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
             as the teacher (e.g. `memory.teacher_view` or `peft_model.disable_adapter`). Overrides `args.teacher_view`.
         semantic_judge: a callable `(predictions, references) -> list[float]` replacing the configured judge for
             `r_sem`.
+        replay_view: with a callable `teacher_view`, the view that teaches the rows marked in `replay_column`
+            (built in for `teacher_view: memory`: the long-term memory before this sleep).
     """
 
     _tag_names = ["trl", "sleep-trl", "knowledge-seeding", "generalized-distillation"]
@@ -198,6 +208,7 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
         tools=None,
         teacher_view: Callable[[], Any] | None = None,
         semantic_judge: Callable[[Sequence[str], Sequence[str]], list[float]] | None = None,
+        replay_view: Callable[[], Any] | None = None,
     ):
         if args is None:
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
@@ -242,7 +253,8 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
                 tools=tools,
             )
         self.vocab_size = len(self._tokenizer)
-        self.teachers = self._build_teachers(teacher_sources, args, teacher_view)
+        self.teachers = self._build_teachers(teacher_sources, args, teacher_view, replay_view)
+        self._check_replay(train_dataset, args)
         self.teacher_model = next((t.model for t in self.teachers if not t.is_view), None)
         self._check_teacher_heads()
 
@@ -316,23 +328,26 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
             )
         return sources
 
-    def _resolve_view(self, args: GeneralizedDistillationConfig, teacher_view):
+    def _resolve_view(self, args: GeneralizedDistillationConfig, teacher_view, replay_view):
+        """The teacher view and the replay view (who teaches rows marked in `replay_column`)."""
         if teacher_view is not None:
-            return teacher_view
+            return teacher_view, replay_view
         student = self.model
         if args.teacher_view == "self":
-            return contextlib.nullcontext
+            return contextlib.nullcontext, contextlib.nullcontext
         if args.teacher_view == "disable_adapter":
             if not is_peft_model(student):
                 raise ValueError("`teacher_view: disable_adapter` needs a PEFT student (pass a `peft_config`).")
-            return student.disable_adapter
+            return student.disable_adapter, student.disable_adapter
         try:
             from ..memory import find_memory
         except ImportError:  # pragma: no cover - memory package absent
             find_memory = None
         memory = find_memory(student) if find_memory is not None else None
         if memory is not None:
-            return memory.teacher_view
+            # Replayed old knowledge is taught by the long-term memory as it was before this sleep: the levels the
+            # student has suspended (the awake fast level, which may have overwritten old answers) stay silent.
+            return memory.teacher_view, lambda: memory.teacher_view(suspend=set(memory.state.suspended))
         if args.teacher_view == "memory":
             raise ValueError(
                 "`teacher_view: memory` needs a continuum memory attached to the student "
@@ -343,9 +358,12 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
             "`teacher_view` for Self-Knowledge Seeding, or attach a continuum memory to the student."
         )
 
-    def _build_teachers(self, sources: list, args: GeneralizedDistillationConfig, teacher_view) -> list[_Teacher]:
+    def _build_teachers(
+        self, sources: list, args: GeneralizedDistillationConfig, teacher_view, replay_view
+    ) -> list[_Teacher]:
         if not sources:
-            return [_Teacher(weight=1.0, view=self._resolve_view(args, teacher_view), name="teacher_view")]
+            view, replay = self._resolve_view(args, teacher_view, replay_view)
+            return [_Teacher(weight=1.0, view=view, replay_view=replay, name="teacher_view")]
         from transformers import AutoTokenizer
 
         weights = args.teacher_weights or [1.0] * len(sources)
@@ -394,6 +412,18 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
                         "into one projection. Use `teacher_combination: prob_mean`."
                     )
         return teachers
+
+    def _check_replay(self, dataset, args: GeneralizedDistillationConfig) -> None:
+        columns = getattr(dataset, "column_names", None) or []
+        if args.replay_column not in columns or not any(dataset[args.replay_column]):
+            return
+        teacher = self.teachers[0]
+        if len(self.teachers) > 1 or not teacher.is_view or teacher.replay_view is None:
+            raise ValueError(
+                f"The dataset marks rows in `{args.replay_column}`, which are taught by a replay view of the student; "
+                "that needs a single teacher view (`teacher_view: memory`, `disable_adapter`, `self`, or a "
+                "`teacher_view` callable with a `replay_view`). Drop the column to teach every row alike."
+            )
 
     def _head_rows(self, module) -> int:
         return self.accelerator.unwrap_model(module).config.get_text_config().vocab_size
@@ -514,6 +544,7 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
         self._metrics[mode]["distill/on_policy"].append(float(self._sampler == "student"))
 
         self._batch_inputs = inputs
+        self._batch_replay = [bool(x.get(args.replay_column) or False) for x in inputs]
         self._last_teacher_completions = None
         column = args.teacher_prompt_column
         if column in inputs[0] and inputs[0][column] is not None:
@@ -524,6 +555,8 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
         output = super()._generate_and_score_completions(inputs)
         prompt_ids = [ids[m.bool()].tolist() for ids, m in zip(output["prompt_ids"], output["prompt_mask"])]
 
+        if any(self._batch_replay):
+            output["replay_mask"] = torch.tensor(self._batch_replay, device=self.accelerator.device)
         if self._batch_teacher_prompt_ids is not None:
             device = self.accelerator.device
             tp = [torch.tensor(ids) for ids in self._batch_teacher_prompt_ids]
@@ -634,17 +667,21 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
         rng = self._round_rng(1 + self.accelerator.process_index)
         weights = [t.weight for t in self.teachers]
         assignment = [rng.choices(range(len(self.teachers)), weights=weights)[0] for _ in prompt_ids]
+        replay = self._batch_replay if len(self._batch_replay) == len(prompt_ids) else [False] * len(prompt_ids)
         completions: list[list[int] | None] = [None] * len(prompt_ids)
-        for index, teacher in enumerate(self.teachers):
-            rows = [i for i, a in enumerate(assignment) if a == index]
+        groups = [(index, flag) for index in range(len(self.teachers)) for flag in (False, True)]
+        for index, flag in groups:
+            teacher = self.teachers[index]
+            rows = [i for i, a in enumerate(assignment) if a == index and replay[i] == flag]
             # Every rank must enter the same generate calls under ZeRO-3 (parameters are gathered collectively).
-            if not rows and not self.is_deepspeed_enabled:
+            if not rows and (flag or not self.is_deepspeed_enabled):
                 continue
             batch = [prompt_ids[i] for i in rows] or [prompt_ids[0]]
+            view = teacher.replay_view if flag else teacher.view
             if self.use_vllm:
-                generated = self._vllm_teacher_generate(index, teacher, batch)
+                generated = self._vllm_teacher_generate(index, teacher, batch, view)
             elif teacher.is_view:
-                with teacher.view():
+                with view():
                     generated = self._hf_generate(self.model_wrapped, batch)
             else:
                 generated = self._hf_generate(teacher.model, batch)
@@ -660,7 +697,7 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
             stop_token_ids=list(self.eos_token_ids), **dict(vllm.generation_kwargs),
         )
 
-    def _vllm_teacher_generate(self, index: int, teacher: _Teacher, prompt_ids: list[list[int]]) -> list[list[int]]:
+    def _vllm_teacher_generate(self, index: int, teacher: _Teacher, prompt_ids: list[list[int]], view=None):
         """Teacher samples through vLLM: a view of the student is swapped into the student's engine (no second copy
         of the weights); a separate teacher checkpoint gets a frozen engine of its own, built on first use."""
         sampling = self._vllm_sampling()
@@ -670,7 +707,7 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
                 self._last_loaded_step = self.state.global_step
 
             def teacher_weights():
-                with teacher.view():
+                with (view or teacher.view)():
                     return self._engine_weights()
 
             with self.vllm_generation.weights_swapped(teacher_weights):
@@ -803,8 +840,25 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
             bias = bias[: self.vocab_size] if bias is not None else None
         return weight, bias
 
-    def _teacher_hidden(self, teacher: _Teacher, unwrapped_student, input_ids, attention_mask, logits_to_keep):
+    def _teacher_hidden(
+        self, teacher: _Teacher, unwrapped_student, input_ids, attention_mask, logits_to_keep, replay_mask=None
+    ):
         with torch.no_grad():
+            if teacher.is_view and replay_mask is not None and bool(replay_mask.any()):
+                # Rows marked as replay are taught by the replay view, the others by the teacher view.
+                out = None
+                for flag, view in ((False, teacher.view), (True, teacher.replay_view)):
+                    rows = (replay_mask == flag).nonzero().squeeze(-1)
+                    if rows.numel() == 0:
+                        continue
+                    with view():
+                        h = self._get_last_hidden_state(
+                            unwrapped_student, input_ids[rows], attention_mask[rows], logits_to_keep
+                        )
+                    if out is None:
+                        out = h.new_zeros((input_ids.size(0), *h.shape[1:]))
+                    out[rows] = h
+                return out
             if teacher.is_view:
                 with teacher.view():
                     return self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, logits_to_keep)
@@ -831,7 +885,8 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
             t_ids, t_mask = input_ids, attention_mask
         K = completion_ids.size(1)
         h_s = self._get_last_hidden_state(student, input_ids, attention_mask, K)
-        h_ts = [self._teacher_hidden(t, student, t_ids, t_mask, K) for t in self.teachers]
+        replay_mask = inputs.get("replay_mask")
+        h_ts = [self._teacher_hidden(t, student, t_ids, t_mask, K, replay_mask) for t in self.teachers]
         sliced = self._needs_vocab_slice
         w_s, b_s = self._head(student, sliced)
         s_cfg = student.config.get_text_config()
