@@ -112,6 +112,13 @@ def test_memory_teacher_view_and_student_through_the_dense_engine(tmp_path, tiny
     asleep = greedy(model, ids, 8, eos)
     assert awake != asleep
     assert trainer._teacher_generate(ids) == awake
+    # replayed rows are written by the long-term memory before this sleep (fast level silent), swapped in the same way
+    with mem.teacher_view(suspend=["fast"]):
+        long_term = greedy(model, ids, 8, eos)
+    assert long_term != awake
+    trainer._batch_replay = [False] + [True] * (len(ids) - 1)
+    assert trainer._teacher_generate(ids) == [awake[0]] + long_term[1:]
+    trainer._batch_replay = []
     trainer.vllm_generation.sync_weights()
     assert trainer.vllm_generation.generate_token_ids(ids, **trainer._vllm_sampling()) == asleep
     trainer.train()

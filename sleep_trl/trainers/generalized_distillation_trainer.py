@@ -282,6 +282,7 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
         self._sampler = "student"  # who writes the current batch's distillation sequences
         self._batch_inputs: list[dict] | None = None
         self._batch_teacher_prompt_ids: list[list[int]] | None = None
+        self._batch_replay: list[bool] = []  # per row of the current batch: taught by the replay view
         self._last_teacher_completions: list[list[int]] | None = None
         self._loss_parts: dict[str, torch.Tensor] = {}
         self._concat_teacher_head: tuple[torch.Tensor, torch.Tensor | None] | None = None
