@@ -297,41 +297,29 @@ class Session:
 
         return Dataset.from_list(self.document_rows)
 
+    def _qa_rows(self, prompt, completion):
+        from datasets import Dataset
+
+        rows = [
+            {"prompt": prompt(q), "completion": completion(f.value), "fact_id": f.fact_id, "session": f.session}
+            for f in self.facts
+            for q in f.train_questions
+        ]
+        return Dataset.from_list(rows)
+
     @cached_property
     def train_sft(self):
         """Dataset in TRL's conversational prompt-completion format: `prompt` = [user message], `completion` =
         [assistant message] holding the bare answer; plus `fact_id`, `session`. One row per training phrasing."""
-        from datasets import Dataset
-
-        rows = [
-            {
-                "prompt": [{"role": "user", "content": q}],
-                "completion": [{"role": "assistant", "content": f.value}],
-                "fact_id": f.fact_id,
-                "session": f.session,
-            }
-            for f in self.facts
-            for q in f.train_questions
-        ]
-        return Dataset.from_list(rows)
+        return self._qa_rows(
+            lambda q: [{"role": "user", "content": q}], lambda v: [{"role": "assistant", "content": v}]
+        )
 
     @cached_property
     def train_sft_text(self):
-        """The same pairs as plain text (for models without a chat template): `prompt` = "Question: ...\\nAnswer:",
+        """The same pairs as plain text (for models without a chat template): `prompt` = "Question: ...\nAnswer:",
         `completion` = " value"."""
-        from datasets import Dataset
-
-        rows = [
-            {
-                "prompt": f"Question: {q}\nAnswer:",
-                "completion": f" {f.value}",
-                "fact_id": f.fact_id,
-                "session": f.session,
-            }
-            for f in self.facts
-            for q in f.train_questions
-        ]
-        return Dataset.from_list(rows)
+        return self._qa_rows(lambda q: f"Question: {q}\nAnswer:", lambda v: f" {v}")
 
     @cached_property
     def eval_qa(self):

@@ -319,15 +319,7 @@ class DreamTrainer(GRPOTrainer):
 
         # 4. Metrics, extra completion columns and the dream table.
         self._log_dream_metrics(
-            scores,
-            selected,
-            rewards,
-            after,
-            tau_before,
-            evaluations,
-            sequences,
-            selection_seconds,
-            tau_seconds,
+            scores, selected, rewards, after, tau_before, evaluations, sequences, selection_seconds, tau_seconds,
             selecting,
         )
         self._log_completion_extra("importance", scores)
@@ -349,16 +341,7 @@ class DreamTrainer(GRPOTrainer):
         return rewards
 
     def _log_dream_metrics(
-        self,
-        scores,
-        selected,
-        rewards,
-        after,
-        tau_before,
-        evaluations,
-        sequences,
-        selection_seconds,
-        tau_seconds,
+        self, scores, selected, rewards, after, tau_before, evaluations, sequences, selection_seconds, tau_seconds,
         selecting,
     ) -> None:
         log = self._log_metric
