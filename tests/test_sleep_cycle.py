@@ -146,3 +146,38 @@ def test_resume_after_kill_gives_the_same_result(tmp_path, finished_run):
     assert report["accuracy_matrix"]["records"] == reference["accuracy_matrix"]["records"]
     a, b = memory_tensors(out / "model"), memory_tensors(reference_dir / "model")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dreaming_runs_after_consolidation_and_trains_only_the_new_expert(tmp_path, monkeypatch):
+    """`dream: true` adds a dream phase after each consolidation; it trains the slow expert that sleep unlocked and
+    nothing else. A random tiny model cannot improve tau, so every selected dream is kept (threshold below any
+    reward) to make the update non-zero."""
+    import sleep_trl.trainers as trainers
+
+    seen = {}
+
+    class KeepEverySelectedDream(trainers.DreamConfig):
+        def __post_init__(self):
+            self.improvement_threshold = -1.0
+            super().__post_init__()
+            seen["config"] = self
+
+    monkeypatch.setattr(trainers, "DreamConfig", KeepEverySelectedDream)
+    out = tmp_path / "dream"
+    report = run_cycle(tiny_config(out, "--dream", "true", "--dream_steps", "1", "--num_dreams", "2",
+                                   "--dream_keep", "1", "--dream_max_completion_length", "12",
+                                   "--dream_inner_steps", "1"))
+    assert [(p["session"], p["phase"]) for p in report["phases"]] == [
+        (-1, "base"), (0, "wake"), (0, "consolidate"), (0, "dream"), (0, "eval"),
+        (1, "wake"), (1, "consolidate"), (1, "dream"), (1, "eval")]
+    dream = [p for p in report["phases"] if p["phase"] == "dream"]
+    assert all({"tau_before", "tau_after", "reward_rate"} <= set(p["metrics"]) for p in dream)
+    args = seen["config"]
+    assert (args.num_generations, args.num_selected_dreams, args.tau, args.tau_metric) == (2, 1, "qa", "contains")
+    assert args.random_expert_sampling  # the tiny recipe routes its slow level
+    for k in range(2):
+        slept = memory_tensors(out / f"checkpoints/s{k}-consolidate")
+        dreamt = memory_tensors(out / f"checkpoints/s{k}-dream")
+        changed = {key for key in slept if not torch.equal(slept[key], dreamt[key])}
+        assert changed, "dreaming trained nothing"
+        assert all(".slow." in key and key.endswith(f"_{k}") for key in changed), changed

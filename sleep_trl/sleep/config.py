@@ -105,10 +105,18 @@ class SleepConfig:
         dream (`bool`, defaults to `False`):
             Run `DreamTrainer` on the session's contexts after consolidation (costly on a CPU: one LoRA inner loop
             per kept dream).
-        dream_steps (`int`, defaults to `2`), num_dreams (`int`, defaults to `4`), dream_keep (`int`, defaults to
-        `2`), dream_learning_rate (`float`, defaults to `1e-3`), dream_policy_update (`str`, defaults to
-        `"rest_em"`):
-            DreamTrainer budget per session.
+        dream_steps (`int`, defaults to `2`):
+            DreamTrainer optimizer steps per session; each step dreams on one of the session's documents (the
+            `num_dreams` dreams of that document are the group). Tau is the session's no-context QA on its training
+            phrasings (never the evaluation phrasings), scored with `eval_metric`.
+        num_dreams (`int`, defaults to `4`), dream_keep (`int`, defaults to `2`), dream_random (`int`, defaults to
+        `0`):
+            m dreams per document; the top-k by gradient alignment with tau's data are kept, plus b at random.
+        dream_learning_rate (`float`, defaults to `1e-3`), dream_policy_update (`str`, defaults to `"rest_em"`),
+        dream_max_completion_length (`int`, defaults to `96`), dream_inner_steps (`int`, defaults to `8`):
+            The DreamConfig fields `learning_rate`, `policy_update`, `max_completion_length`, `inner_steps`. Only the
+            slow expert unlocked by this sleep learns; with `slow_gate: sigmoid` dreams are written with one random
+            unlocked expert turned on per token (`random_expert_sampling`).
 
         > Evaluation
 
@@ -156,8 +164,11 @@ class SleepConfig:
     dream_steps: int = field(default=2, metadata={"help": "DreamTrainer steps per session."})
     num_dreams: int = field(default=4, metadata={"help": "Dreams per context."})
     dream_keep: int = field(default=2, metadata={"help": "Dreams kept by importance (top-k) per context."})
+    dream_random: int = field(default=0, metadata={"help": "Dreams kept at random (b) per context."})
     dream_learning_rate: float = field(default=1e-3, metadata={"help": "DreamTrainer learning rate."})
     dream_policy_update: str = field(default="rest_em", metadata={"help": "'rest_em' or 'grpo'."})
+    dream_max_completion_length: int = field(default=96, metadata={"help": "Maximum tokens of one dream."})
+    dream_inner_steps: int = field(default=8, metadata={"help": "Inner LoRA steps behind each dream's reward."})
     # evaluation
     eval_metric: str = field(default="contains", metadata={"help": "'contains', 'exact' or 'f1'."})
     eval_max_new_tokens: int = field(default=16, metadata={"help": "Tokens per evaluation answer."})
@@ -187,8 +198,13 @@ class SleepConfig:
                 f"`slow_slots` ({self.slow_slots}) is smaller than `num_sessions` ({self.num_sessions}): every sleep "
                 "unlocks one slow expert. Raise `slow_slots` or leave it unset."
             )
-        if self.dream and self.dream_keep > self.num_dreams:
-            raise ValueError(f"`dream_keep` ({self.dream_keep}) must not exceed `num_dreams` ({self.num_dreams}).")
+        if self.dream and self.dream_keep + self.dream_random > self.num_dreams:
+            raise ValueError(
+                f"`dream_keep` + `dream_random` ({self.dream_keep} + {self.dream_random}) must not exceed `num_dreams` "
+                f"({self.num_dreams}): lower them or raise `num_dreams`."
+            )
+        if self.dream and not self.sleep:
+            raise ValueError("`dream: true` needs `sleep: true` (dreams train the expert a sleep unlocks).")
         if self.memory_layers != "all":
             try:
                 [int(x) for x in str(self.memory_layers).split(",")]

@@ -238,6 +238,48 @@ class SleepCycle:
             metrics["distill_loss_last"] = round(logs[-1]["distill/loss"], 4)
         return metrics, True
 
+    def _dream(self, k: int, seed: int):
+        from trl import RichProgressCallback
+
+        from ..trainers import DreamConfig, DreamTrainer
+
+        cfg, mem = self.config, self.memory
+        # Dreaming rehearses into the expert this sleep just unlocked; every older expert stays frozen.
+        names = mem.names(mem.parameters("slow", slots=[mem.unlocked("slow") - 1]))
+        mem.freeze_all_but(names)
+        tasks = self.world.sessions[k].dream_tasks
+        kwargs = self._trainer_kwargs(seed, f"s{k}-dream")
+        kwargs["warmup_steps"] = 0  # a dream budget is a few steps; a warmup would spend the first at lr 0
+        args = DreamConfig(
+            **kwargs,
+            max_steps=cfg.dream_steps,
+            num_dreams=cfg.num_dreams,
+            num_selected_dreams=cfg.dream_keep,
+            num_random_dreams=cfg.dream_random,
+            per_device_train_batch_size=cfg.num_dreams,  # one context per round: its m dreams form the group
+            learning_rate=cfg.dream_learning_rate,
+            policy_update=cfg.dream_policy_update,
+            max_completion_length=cfg.dream_max_completion_length,
+            tau="qa",
+            tau_metric={"contains": "contains", "exact": "exact_match", "f1": "token_f1"}[cfg.eval_metric],
+            tau_max_new_tokens=cfg.eval_max_new_tokens,
+            inner_steps=cfg.dream_inner_steps,
+            # each router also turns on one random unlocked expert while dreaming (routed slow levels only)
+            random_expert_sampling=cfg.slow_gate == "sigmoid",
+            num_dreams_to_print=2,
+        )
+        trainer = DreamTrainer(self.model, args=args, train_dataset=tasks, processing_class=self.tokenizer,
+                               callbacks=[RichProgressCallback()])
+        tau_before = trainer.evaluate_tau()
+        trainer.train()
+        tau_after = trainer.evaluate_tau()
+        history = trainer.state.log_history
+        rates = [h["dream/reward_rate"] for h in history if "dream/reward_rate" in h]
+        metrics = {"steps": cfg.dream_steps, "tau_before": round(tau_before, 4), "tau_after": round(tau_after, 4)}
+        if rates:
+            metrics["reward_rate"] = round(sum(rates) / len(rates), 4)
+        return metrics, True
+
     def _eval(self, k: int, seed: int):
         sessions = range(self.config.num_sessions) if self.config.eval_future_sessions else range(k + 1)
         row = self._evaluate(k, sessions)
