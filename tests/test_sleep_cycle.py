@@ -181,3 +181,14 @@ def test_dreaming_runs_after_consolidation_and_trains_only_the_new_expert(tmp_pa
         changed = {key for key in slept if not torch.equal(slept[key], dreamt[key])}
         assert changed, "dreaming trained nothing"
         assert all(".slow." in key and key.endswith(f"_{k}") for key in changed), changed
+
+
+def test_wake_in_context_consolidates_from_the_documents_without_a_fast_level(tmp_path):
+    report = run_cycle(tiny_config(tmp_path / "ctx", "--wake", "context"))
+    assert [(p["session"], p["phase"]) for p in report["phases"]] == [
+        (-1, "base"), (0, "consolidate"), (0, "eval"), (1, "consolidate"), (1, "eval")]
+    state = memory_state(tmp_path / "ctx/checkpoints/s1-consolidate")
+    assert state["unlocked"] == {"fast": 0, "slow": 2}
+    tensors = memory_tensors(tmp_path / "ctx/checkpoints/s1-consolidate")
+    assert all(torch.count_nonzero(v) == 0 for key, v in tensors.items() if ".fast.down" in key)
+    assert any(torch.count_nonzero(v) > 0 for key, v in tensors.items() if ".slow.down_1" in key)
