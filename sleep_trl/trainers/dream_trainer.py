@@ -299,18 +299,8 @@ class DreamTrainer(GRPOTrainer):
             [tasks[i] for i in kept],
             [sequences[i] for i in kept],
             [tau_before[groups[i]] for i in kept],
-            r=args.inner_lora_r,
-            lora_alpha=args.inner_lora_alpha,
-            lora_dropout=args.inner_lora_dropout,
-            target_modules=args.inner_lora_target_modules,
-            steps=args.inner_steps,
-            learning_rate=args.inner_learning_rate,
-            batch_size=args.inner_batch_size,
-            weight_decay=args.inner_weight_decay,
-            max_length=args.max_dream_tokens,
             reward_type=args.reward_type,
-            threshold=args.improvement_threshold,
-            seed=args.seed,
+            **self._inner_loop_kwargs(),
         )
         rewards: list[float | None] = [None] * n
         after: list[float] = [math.nan] * n
@@ -339,6 +329,17 @@ class DreamTrainer(GRPOTrainer):
             )
         self._dream_batch = {"texts": texts, "rewards": rewards}
         return rewards
+
+    def _inner_loop_kwargs(self) -> dict:
+        """The isolated inner loop's settings (LoRA, optimiser, threshold, seed) from the config."""
+        args = self.args
+        return dict(
+            r=args.inner_lora_r, lora_alpha=args.inner_lora_alpha, lora_dropout=args.inner_lora_dropout,
+            target_modules=args.inner_lora_target_modules, steps=args.inner_steps,
+            learning_rate=args.inner_learning_rate, batch_size=args.inner_batch_size,
+            weight_decay=args.inner_weight_decay, max_length=args.max_dream_tokens,
+            threshold=args.improvement_threshold, seed=args.seed,
+        )
 
     def _log_dream_metrics(
         self, scores, selected, rewards, after, tau_before, evaluations, sequences, selection_seconds, tau_seconds,
@@ -582,18 +583,8 @@ class DreamTrainer(GRPOTrainer):
             tasks,
             seqs,
             before,
-            r=args.inner_lora_r,
-            lora_alpha=args.inner_lora_alpha,
-            lora_dropout=args.inner_lora_dropout,
-            target_modules=args.inner_lora_target_modules,
-            steps=args.inner_steps,
-            learning_rate=args.inner_learning_rate,
-            batch_size=args.inner_batch_size,
-            weight_decay=args.inner_weight_decay,
-            max_length=args.max_dream_tokens,
             reward_type="binary",
-            threshold=args.improvement_threshold,
-            seed=args.seed,
+            **self._inner_loop_kwargs(),
         )
         return {
             "tau": sum(taus) / len(taus),
