@@ -192,3 +192,20 @@ def test_wake_in_context_consolidates_from_the_documents_without_a_fast_level(tm
     tensors = memory_tensors(tmp_path / "ctx/checkpoints/s1-consolidate")
     assert all(torch.count_nonzero(v) == 0 for key, v in tensors.items() if ".fast.down" in key)
     assert any(torch.count_nonzero(v) > 0 for key, v in tensors.items() if ".slow.down_1" in key)
+
+
+def test_a_run_from_before_a_new_field_resumes_when_the_field_keeps_its_default(tmp_path, finished_run):
+    import shutil
+
+    from sleep_trl.sleep.ledger import LedgerMismatchError
+
+    out, report = finished_run
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    ledger = old / "cycle_state.json"
+    data = json.loads(ledger.read_text())
+    del data["fingerprint"]["dream_random"]  # as written by a version without that field
+    ledger.write_text(json.dumps(data))
+    assert run_cycle(tiny_config(old))["accuracy_matrix"]["R"] == report["accuracy_matrix"]["R"]
+    with pytest.raises(LedgerMismatchError, match="dream_random"):
+        run_cycle(tiny_config(old, "--dream_random", "1"))

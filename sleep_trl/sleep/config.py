@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 WAKE_MODES = ("fast", "context")
 
@@ -219,6 +219,11 @@ class SleepConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def defaults(cls) -> dict:
+        """Every field's default value (fields with a default factory are left out)."""
+        return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
 
     def fingerprint(self) -> dict:
         """Fields that change the results: a resumed run must have the same (output_dir, torch_threads excluded)."""

@@ -53,7 +53,7 @@ class SleepCycle:
         from .report import finalize, load_report
 
         cfg = self.config
-        ledger = Ledger.open(self.output_dir, cfg.fingerprint())
+        ledger = Ledger.open(self.output_dir, cfg.fingerprint(), defaults=type(cfg).defaults())
         if ledger.finished:
             self.console.print(f"[bold]{self.output_dir} holds a finished run; nothing to do.")
             return load_report(self.output_dir, self.console)

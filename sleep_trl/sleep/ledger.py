@@ -39,17 +39,24 @@ class Ledger:
     finished: bool = False
 
     @classmethod
-    def open(cls, output_dir: str | os.PathLike, fingerprint: dict) -> Ledger:
-        """Load the ledger of `output_dir`, or start one. Refuses a directory that holds anything else."""
+    def open(cls, output_dir: str | os.PathLike, fingerprint: dict, defaults: dict | None = None) -> Ledger:
+        """Load the ledger of `output_dir`, or start one. Refuses a directory that holds anything else.
+
+        `defaults` maps fields to their default values: a field the stored fingerprint lacks (a run started by an
+        older version, before the field existed) matches when the current value is that default."""
         output_dir = Path(output_dir)
         path = output_dir / LEDGER_NAME
         if path.exists():
             data = json.loads(path.read_text())
             if data.get("format") != FORMAT:
                 raise LedgerMismatchError(f"{path} is not a sleep-trl run ledger.")
-            stored = data["fingerprint"]
+            stored = dict(data["fingerprint"])
+            for key, value in (defaults or {}).items():
+                if key in fingerprint and key not in stored and fingerprint[key] == value:
+                    stored[key] = value
             if stored != fingerprint:
-                diff = sorted(k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k))
+                diff = sorted(k for k in set(stored) | set(fingerprint)
+                              if k not in stored or k not in fingerprint or stored[k] != fingerprint[k])
                 raise LedgerMismatchError(
                     f"{output_dir} holds a run with a different configuration (fields differ: {', '.join(diff)}). "
                     "Resume it with its own configuration, or choose a new `output_dir`: finished work is never "
