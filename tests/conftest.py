@@ -17,12 +17,6 @@ def tiny_tokenizer():
 
 
 @pytest.fixture(scope="session")
-def tokenizer(tiny_tokenizer):
-    """The shared tiny tokenizer under its short name."""
-    return tiny_tokenizer
-
-
-@pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory, tiny_tokenizer):
     """A factory: `tiny_dir(name, arch=..., **sizes)` saves (once) a tiny model + the shared tokenizer, returns path."""
     from sleep_trl.tiny import save_tiny

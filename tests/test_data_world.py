@@ -213,3 +213,17 @@ def test_consolidation_prompts_hold_the_session_its_documents_and_marked_replay(
             teacher = row["teacher_prompt"][0]["content"]
             assert teacher.endswith(question) and any(teacher.startswith(doc) for doc in docs.values())
     assert ("teacher_prompt" in data.column_names) == with_context
+
+
+def test_world_seeding_dataset_puts_each_document_in_the_teachers_context(world):
+    from sleep_trl.scripts.seed import world_seeding_dataset
+
+    data = world_seeding_dataset(seed=0)
+    assert set(data.column_names) == {"prompt", "teacher_prompt"}
+    expected = sum(len([q for f in s.facts for q in f.train_questions]) + len({f.entity for f in s.facts})
+                   for s in world.sessions)
+    assert len(data) == expected
+    for row in data:
+        question = row["prompt"][0]["content"]
+        teacher = row["teacher_prompt"][0]["content"]
+        assert teacher.endswith("\n\n" + question) and len(teacher) > len(question) + 2

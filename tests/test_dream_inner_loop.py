@@ -50,32 +50,32 @@ def assert_identical(before, after):
     assert after["ids"] == before["ids"]
 
 
-def _logits(model, tokenizer):
-    enc = tokenizer(["Question: who? Answer: the lazy dog"], return_tensors="pt")
+def _logits(model, tiny_tokenizer):
+    enc = tiny_tokenizer(["Question: who? Answer: the lazy dog"], return_tensors="pt")
     with torch.no_grad():
         return model(**enc).logits
 
 
-def _plain(tokenizer):
-    return build_model(tokenizer, seed=1)
+def _plain(tiny_tokenizer):
+    return build_model(tiny_tokenizer, seed=1)
 
 
-def _peft(tokenizer):
+def _peft(tiny_tokenizer):
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(
-        build_model(tokenizer, seed=2),
+        build_model(tiny_tokenizer, seed=2),
         LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
     )
     model.add_adapter("ref", LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     return model
 
 
-def _with_memory(tokenizer):
+def _with_memory(tiny_tokenizer):
     """A model carrying a continuum memory with two unlocked, trainable slow experts (as after two sleeps)."""
     from sleep_trl.memory import LevelConfig, MemoryConfig, attach_memory
 
-    model = build_model(tokenizer, seed=3)
+    model = build_model(tiny_tokenizer, seed=3)
     memory = attach_memory(model, MemoryConfig(levels=[LevelConfig("slow", num_slots=3, rank=8)]))
     memory.expand("slow")
     names = memory.expand("slow")
@@ -88,37 +88,37 @@ def _with_memory(tokenizer):
 
 
 @pytest.mark.parametrize("build", [_plain, _peft, _with_memory], ids=["plain", "peft", "memory"])
-def test_inner_loop_leaves_policy_bit_identical(tokenizer, tau, build):
-    model = build(tokenizer)
+def test_inner_loop_leaves_policy_bit_identical(tiny_tokenizer, tau, build):
+    model = build(tiny_tokenizer)
     model.train()
     before = snapshot(model)
-    logits = _logits(model, tokenizer)
+    logits = _logits(model, tiny_tokenizer)
     peft_keys = list(getattr(model, "peft_config", {}))
     active = getattr(model, "active_adapters", None)
 
     with IsolatedAdapter(model, r=4, lora_alpha=8, seed=0) as adapter:
         # Until it learns, the isolated copy is the policy (B = 0).
-        assert torch.equal(_logits(model, tokenizer), logits)
-        train_adapter(model, tokenizer, adapter, ["Question: who? Answer: a fox"], steps=3, learning_rate=1e-2)
-        assert not torch.allclose(_logits(model, tokenizer), logits), "the inner adapter did not learn"
+        assert torch.equal(_logits(model, tiny_tokenizer), logits)
+        train_adapter(model, tiny_tokenizer, adapter, ["Question: who? Answer: a fox"], steps=3, learning_rate=1e-2)
+        assert not torch.allclose(_logits(model, tiny_tokenizer), logits), "the inner adapter did not learn"
         # Only the adapter trains: every policy parameter is frozen inside the block.
         trainable = {id(p) for p in model.parameters() if p.requires_grad}
         assert trainable == {id(p) for p in adapter.parameters}
 
     after = snapshot(model)
     assert_identical(before, after)
-    assert torch.equal(_logits(model, tokenizer), logits)
+    assert torch.equal(_logits(model, tiny_tokenizer), logits)
     assert list(getattr(model, "peft_config", {})) == peft_keys
     assert getattr(model, "active_adapters", None) == active
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_evaluate_dreams_leaves_peft_policy_identical(tokenizer, tau):
-    model = _peft(tokenizer)
+def test_evaluate_dreams_leaves_peft_policy_identical(tiny_tokenizer, tau):
+    model = _peft(tiny_tokenizer)
     before = snapshot(model)
     evaluate_dreams(
         model,
-        tokenizer,
+        tiny_tokenizer,
         tau,
         [TASK, TASK],
         [["Question: x\nAnswer: y"], []],
@@ -131,15 +131,15 @@ def test_evaluate_dreams_leaves_peft_policy_identical(tokenizer, tau):
     assert_identical(before, snapshot(model))
 
 
-def test_reward_is_one_when_the_dream_holds_the_answer_and_zero_when_it_cannot_help(tokenizer, tau):
-    model = build_model(tokenizer, seed=0)
-    tau_before = tau(model, tokenizer, TASK)
+def test_reward_is_one_when_the_dream_holds_the_answer_and_zero_when_it_cannot_help(tiny_tokenizer, tau):
+    model = build_model(tiny_tokenizer, seed=0)
+    tau_before = tau(model, tiny_tokenizer, TASK)
     assert tau_before == 0.0  # a random model does not know the answer
     answer_dream = [f"Question: {QUESTION}\nAnswer: {ANSWER}"]
     irrelevant = ["The quick brown fox jumps over the lazy dog."]
     results = evaluate_dreams(
         model,
-        tokenizer,
+        tiny_tokenizer,
         tau,
         [TASK, TASK],
         [answer_dream, []],
@@ -155,7 +155,7 @@ def test_reward_is_one_when_the_dream_holds_the_answer_and_zero_when_it_cannot_h
     # An inner loop that cannot move the adapter (learning rate 0: B stays 0) cannot change the answer either.
     frozen = evaluate_dreams(
         model,
-        tokenizer,
+        tiny_tokenizer,
         tau,
         [TASK, TASK],
         [irrelevant, answer_dream],
@@ -168,10 +168,10 @@ def test_reward_is_one_when_the_dream_holds_the_answer_and_zero_when_it_cannot_h
     assert [(r.tau_after, r.reward) for r in frozen] == [(0.0, 0.0), (0.0, 0.0)]
 
 
-def test_adapter_is_reset_between_dreams(tokenizer):
+def test_adapter_is_reset_between_dreams(tiny_tokenizer):
     """A dream's tau does not depend on which dreams were evaluated before it with the same injected adapter."""
-    model = build_model(tokenizer, seed=4)
-    probe = collate([encode_example(tokenizer, "Question: who?", " the fox", 64)], tokenizer.pad_token_id)
+    model = build_model(tiny_tokenizer, seed=4)
+    probe = collate([encode_example(tiny_tokenizer, "Question: who?", " the fox", 64)], tiny_tokenizer.pad_token_id)
 
     def neg_loss_tau(m, tok, task):
         with torch.no_grad():
@@ -180,8 +180,8 @@ def test_adapter_is_reset_between_dreams(tokenizer):
 
     dream_a, dream_b = ["Question: who? Answer: the fox"], ["Monday Tuesday Wednesday"]
     kw = {"r": 4, "lora_alpha": 8, "steps": 4, "learning_rate": 5e-3, "reward_type": "improvement"}
-    both = evaluate_dreams(model, tokenizer, neg_loss_tau, [TASK, TASK], [dream_b, dream_a], [0.0, 0.0], **kw)
-    alone = evaluate_dreams(model, tokenizer, neg_loss_tau, [TASK], [dream_a], [0.0], **kw)
+    both = evaluate_dreams(model, tiny_tokenizer, neg_loss_tau, [TASK, TASK], [dream_b, dream_a], [0.0, 0.0], **kw)
+    alone = evaluate_dreams(model, tiny_tokenizer, neg_loss_tau, [TASK], [dream_a], [0.0], **kw)
     assert both[1].tau_after == pytest.approx(alone[0].tau_after, abs=1e-6)
     assert both[0].tau_after != pytest.approx(alone[0].tau_after, abs=1e-4)
 
@@ -197,7 +197,7 @@ def test_compute_reward():
         compute_reward(0.0, 1.0, reward_type="bogus")
 
 
-def test_adapter_name_clash_is_an_error(tokenizer):
-    model = build_model(tokenizer, seed=5)
+def test_adapter_name_clash_is_an_error(tiny_tokenizer):
+    model = build_model(tiny_tokenizer, seed=5)
     with IsolatedAdapter(model, r=2, lora_alpha=4), pytest.raises(ValueError, match="already has an adapter"):
         IsolatedAdapter(model, r=2, lora_alpha=4).__enter__()

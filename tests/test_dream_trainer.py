@@ -30,7 +30,7 @@ def dataset():
     return Dataset.from_list(demo_tasks(2))
 
 
-def make_trainer(tmp_path, tokenizer, dataset, peft_config=None, **overrides):
+def make_trainer(tmp_path, tiny_tokenizer, dataset, peft_config=None, **overrides):
     kwargs = {
         "num_dreams": M,
         "per_device_train_batch_size": M,
@@ -53,10 +53,10 @@ def make_trainer(tmp_path, tokenizer, dataset, peft_config=None, **overrides):
     kwargs.update(overrides)
     args = DreamConfig(str(tmp_path / "out"), **kwargs)
     trainer = DreamTrainer(
-        build_model(tokenizer, seed=0),
+        build_model(tiny_tokenizer, seed=0),
         args=args,
         train_dataset=dataset,
-        processing_class=tokenizer,
+        processing_class=tiny_tokenizer,
         peft_config=peft_config,
     )
     trainer.current_gradient_accumulation_steps = 1
@@ -69,7 +69,7 @@ def fixed_rewards(monkeypatch):
     """Replace the inner loop by fixed rewards (in the order the dreams reach it), to test the policy update alone."""
     box = {}
 
-    def fake(model, tokenizer, tau, tasks, dreams, tau_before, **kwargs):
+    def fake(model, tiny_tokenizer, tau, tasks, dreams, tau_before, **kwargs):
         rewards = box["rewards"][: len(dreams)]
         return [DreamEvaluation(r, b, b + r, 0.0, 0.0, 1) for r, b in zip(rewards, tau_before, strict=True)]
 
@@ -96,9 +96,9 @@ def completion_nll(model, prompt_ids, prompt_mask, completion_ids, completion_ma
 
 @pytest.mark.parametrize("rehearsal_coef", [0.0, 1.0])
 def test_rest_em_gradient_is_sft_gradient_on_rewarded_dreams(
-    tmp_path, tokenizer, dataset, fixed_rewards, rehearsal_coef
+    tmp_path, tiny_tokenizer, dataset, fixed_rewards, rehearsal_coef
 ):
-    trainer = make_trainer(tmp_path, tokenizer, dataset, policy_update="rest_em", rehearsal_coef=rehearsal_coef)
+    trainer = make_trainer(tmp_path, tiny_tokenizer, dataset, policy_update="rest_em", rehearsal_coef=rehearsal_coef)
     fixed_rewards["rewards"] = [1.0, 0.0, 1.0, 0.0]
     batch = trainer._generate_and_score_completions(group_inputs(trainer))
     assert batch["advantages"].tolist() == [1.0, 0.0, 1.0, 0.0]
@@ -124,7 +124,7 @@ def test_rest_em_gradient_is_sft_gradient_on_rewarded_dreams(
         texts = trainer._dream_batch["texts"]
         r_total, r_count = 0.0, 0
         for row in kept:
-            ids = torch.tensor(encode_example(tokenizer, "", texts[row], trainer.args.max_dream_tokens)[0])
+            ids = torch.tensor(encode_example(tiny_tokenizer, "", texts[row], trainer.args.max_dream_tokens)[0])
             logp = torch.log_softmax(model(input_ids=ids[None]).logits[0, :-1].float(), dim=-1)
             r_total = r_total - logp.gather(-1, ids[1:, None]).sum()
             r_count += len(ids) - 1
@@ -138,8 +138,8 @@ def test_rest_em_gradient_is_sft_gradient_on_rewarded_dreams(
         torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_rest_em_without_rewarded_dreams_has_zero_gradient(tmp_path, tokenizer, dataset, fixed_rewards):
-    trainer = make_trainer(tmp_path, tokenizer, dataset, policy_update="rest_em")
+def test_rest_em_without_rewarded_dreams_has_zero_gradient(tmp_path, tiny_tokenizer, dataset, fixed_rewards):
+    trainer = make_trainer(tmp_path, tiny_tokenizer, dataset, policy_update="rest_em")
     fixed_rewards["rewards"] = [0.0, 0.0, 0.0, 0.0]
     batch = trainer._generate_and_score_completions(group_inputs(trainer))
     trainer.model.zero_grad(set_to_none=True)
@@ -149,9 +149,9 @@ def test_rest_em_without_rewarded_dreams_has_zero_gradient(tmp_path, tokenizer, 
 
 
 def test_grpo_advantages_are_group_normalised_and_nonzero_when_rewards_differ(
-    tmp_path, tokenizer, dataset, fixed_rewards
+    tmp_path, tiny_tokenizer, dataset, fixed_rewards
 ):
-    trainer = make_trainer(tmp_path, tokenizer, dataset, policy_update="grpo", rehearsal_coef=0.0)
+    trainer = make_trainer(tmp_path, tiny_tokenizer, dataset, policy_update="grpo", rehearsal_coef=0.0)
     fixed_rewards["rewards"] = [1.0, 0.0, 1.0, 0.0]
     batch = trainer._generate_and_score_completions(group_inputs(trainer))
     r = torch.tensor([1.0, 0.0, 1.0, 0.0])
@@ -167,10 +167,10 @@ def test_grpo_advantages_are_group_normalised_and_nonzero_when_rewards_differ(
     assert torch.count_nonzero(same["advantages"]) == 0
 
 
-def test_unselected_dreams_are_masked_out_of_the_group(tmp_path, tokenizer, dataset, fixed_rewards, caplog):
+def test_unselected_dreams_are_masked_out_of_the_group(tmp_path, tiny_tokenizer, dataset, fixed_rewards, caplog):
     trainer = make_trainer(
         tmp_path,
-        tokenizer,
+        tiny_tokenizer,
         dataset,
         policy_update="grpo",
         num_selected_dreams=2,
@@ -194,7 +194,7 @@ def test_unselected_dreams_are_masked_out_of_the_group(tmp_path, tokenizer, data
 
 
 @pytest.mark.parametrize("lora_policy", [False, True], ids=["full", "peft"])
-def test_dream_reward_never_touches_the_policy(tmp_path, tokenizer, dataset, lora_policy):
+def test_dream_reward_never_touches_the_policy(tmp_path, tiny_tokenizer, dataset, lora_policy):
     """The real reward (importance, selection, inner LoRA loop, tau) leaves every policy tensor bit-identical, for a
     fully trained policy and for a policy trained through its own LoRA adapter."""
     extra = {}
@@ -202,7 +202,7 @@ def test_dream_reward_never_touches_the_policy(tmp_path, tokenizer, dataset, lor
         from peft import LoraConfig
 
         extra["peft_config"] = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    trainer = make_trainer(tmp_path, tokenizer, dataset, num_selected_dreams=1, num_random_dreams=1, **extra)
+    trainer = make_trainer(tmp_path, tiny_tokenizer, dataset, num_selected_dreams=1, num_random_dreams=1, **extra)
     model = trainer.model
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -230,14 +230,15 @@ def test_dream_reward_never_touches_the_policy(tmp_path, tokenizer, dataset, lor
         assert all(".lora_" in n and ".default." in n for n in with_grad)
 
 
-def test_dataset_and_config_errors(tmp_path, tokenizer):
+def test_dataset_and_config_errors(tmp_path, tiny_tokenizer):
     with pytest.raises(ValueError, match="no 'context' column"):
-        make_trainer(tmp_path, tokenizer, Dataset.from_list([{"passage": "x", "questions": ["q"], "answers": ["a"]}]))
+        rows = [{"passage": "x", "questions": ["q"], "answers": ["a"]}]
+        make_trainer(tmp_path, tiny_tokenizer, Dataset.from_list(rows))
     with pytest.raises(ValueError, match=r"needs the columns \['answers'\]"):
-        make_trainer(tmp_path, tokenizer, Dataset.from_list([{"context": "x", "questions": ["q"]}]))
+        make_trainer(tmp_path, tiny_tokenizer, Dataset.from_list([{"context": "x", "questions": ["q"]}]))
     with pytest.raises(ValueError, match="Task 0 of the dataset is malformed"):
         make_trainer(
-            tmp_path, tokenizer, Dataset.from_list([{"context": "x", "questions": ["q", "r"], "answers": ["a"]}])
+            tmp_path, tiny_tokenizer, Dataset.from_list([{"context": "x", "questions": ["q", "r"], "answers": ["a"]}])
         )
     with pytest.raises(ValueError, match="exceeds the 4 dreams per context"):
         DreamConfig(str(tmp_path), num_dreams=4, num_selected_dreams=3, num_random_dreams=2, use_cpu=True, bf16=False)
@@ -246,13 +247,13 @@ def test_dataset_and_config_errors(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="use_vllm"):
         DreamConfig(str(tmp_path), random_expert_sampling=True, use_vllm=True, use_cpu=True, bf16=False)
     with pytest.raises(ValueError, match="continuum memory"):
-        make_trainer(tmp_path, tokenizer, Dataset.from_list(demo_tasks(1)), random_expert_sampling=True)
+        make_trainer(tmp_path, tiny_tokenizer, Dataset.from_list(demo_tasks(1)), random_expert_sampling=True)
 
 
-def test_random_expert_sampling_wraps_generation(tmp_path, tokenizer, dataset, monkeypatch):
+def test_random_expert_sampling_wraps_generation(tmp_path, tiny_tokenizer, dataset, monkeypatch):
     from sleep_trl.memory import LevelConfig, MemoryConfig, attach_memory, find_memory
 
-    model = build_model(tokenizer, seed=0)
+    model = build_model(tiny_tokenizer, seed=0)
     memory = attach_memory(model, MemoryConfig(levels=[LevelConfig("slow", num_slots=3, rank=8)]))
     memory.expand("slow")
     memory.expand("slow")
@@ -267,7 +268,7 @@ def test_random_expert_sampling_wraps_generation(tmp_path, tokenizer, dataset, m
         random_expert_sampling=True,
         seed=3,
     )
-    trainer = DreamTrainer(model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer = DreamTrainer(model, args=args, train_dataset=dataset, processing_class=tiny_tokenizer)
     grpo_generate = GRPOTrainer._generate
     seen = []
 
@@ -282,10 +283,10 @@ def test_random_expert_sampling_wraps_generation(tmp_path, tokenizer, dataset, m
     assert find_memory(trainer.model).state.generator is None  # and the context was left afterwards
 
 
-def test_train_runs_logs_dream_metrics_and_writes_model_card(tmp_path, tokenizer, dataset):
+def test_train_runs_logs_dream_metrics_and_writes_model_card(tmp_path, tiny_tokenizer, dataset):
     trainer = make_trainer(
         tmp_path,
-        tokenizer,
+        tiny_tokenizer,
         dataset,
         num_selected_dreams=1,
         num_random_dreams=1,
@@ -310,8 +311,8 @@ def test_train_runs_logs_dream_metrics_and_writes_model_card(tmp_path, tokenizer
     assert "Language Models Need Sleep" in card and "2606.03979" in card and "dreaming" in card
 
 
-def test_write_dreams_and_evaluate_dreaming_leave_the_policy_untouched(tmp_path, tokenizer, dataset):
-    trainer = make_trainer(tmp_path, tokenizer, dataset)
+def test_write_dreams_and_evaluate_dreaming_leave_the_policy_untouched(tmp_path, tiny_tokenizer, dataset):
+    trainer = make_trainer(tmp_path, tiny_tokenizer, dataset)
     state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     dreams = trainer.write_dreams(num_dreams=2, temperature=0.0, batch_size=1)
     assert len(dreams) == len(dataset) and all(len(d) == 2 for d in dreams)

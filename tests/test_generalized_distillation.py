@@ -423,7 +423,64 @@ def test_replay_rows_are_taught_by_the_long_term_memory(tmp_path, tiny_dir, tiny
     assert torch.allclose(mixed[~replay], awake[~replay], atol=1e-5)
     assert torch.allclose(mixed[replay], asleep[replay], atol=1e-5)
     assert not torch.allclose(awake, asleep, atol=1e-3)
+
+    # replayed rows get their own generate call, taught by the long-term memory
+    calls = []
+    real_generate = trainer._hf_generate
+
+    def counting_generate(model, prompt_ids):
+        calls.append((len(prompt_ids), mem.is_suspended("fast")))
+        return real_generate(model, prompt_ids)
+
+    trainer._hf_generate = counting_generate
+    prompt_ids = [row[m.bool()].tolist() for row, m in zip(batch["prompt_ids"], batch["prompt_mask"])]
+    trainer._batch_replay = replay.tolist()
+    trainer._teacher_generate(prompt_ids)
+    assert calls == [(2, False), (2, True)]
+
+    # under ZeRO-3 every rank runs both teacher forwards even when its rows hold no replay (the extra one on a
+    # dummy row, discarded), so ranks never wait on each other in a parameter gather
+    forwards = []
+    real_hidden = trainer._get_last_hidden_state
+
+    def counting_hidden(model, ids_, mask_, keep):
+        forwards.append(ids_.size(0))
+        return real_hidden(model, ids_, mask_, keep)
+
+    trainer._get_last_hidden_state = counting_hidden
+    trainer.is_deepspeed_enabled = True
+    none = torch.zeros(4, dtype=torch.bool)
+    with torch.no_grad():
+        lone = trainer._teacher_hidden(trainer.teachers[0], model, ids, mask, 6, none)
+    trainer.is_deepspeed_enabled = False
+    trainer._get_last_hidden_state = real_hidden
+    trainer._hf_generate = real_generate
+    trainer._batch_replay = []
+    assert forwards == [4, 1]
+    torch.testing.assert_close(lone, awake, atol=1e-5, rtol=0)
     trainer.train()
+    assert trainer.state.global_step == 1
+
+
+def test_replay_rows_of_a_peft_view_need_no_separate_call(tmp_path, student_dir):
+    """With `disable_adapter` the replay view is the teacher view: replayed rows share its generate call."""
+    from peft import LoraConfig
+
+    data = prompts().add_column("replay", [i % 2 == 1 for i in range(8)])
+    trainer = GeneralizedDistillationTrainer(
+        model=str(student_dir), train_dataset=data,
+        peft_config=LoraConfig(r=4, target_modules=["down_proj"], init_lora_weights=False),
+        args=cpu_args(tmp_path, teacher_view="disable_adapter", alpha=1.0, max_steps=1),
+    )
+    assert not trainer.teachers[0].splits_replay
+    calls = []
+    real_generate = trainer._hf_generate
+    trainer._hf_generate = lambda model, prompt_ids: calls.append(len(prompt_ids)) or real_generate(model, prompt_ids)
+    batch = handmade_batch(trainer._tokenizer, seed=9, batch=4)
+    prompt_ids = [row[m.bool()].tolist() for row, m in zip(batch["prompt_ids"], batch["prompt_mask"])]
+    trainer._batch_replay = [False, True, False, True]
+    assert len(trainer._teacher_generate(prompt_ids)) == 4
+    assert calls == [4]
 
 
 def test_replay_rows_need_a_teacher_view(tmp_path, student_dir, teacher_dir):

@@ -13,9 +13,9 @@ ARCHS = ["llama", "qwen2"]
 
 
 @pytest.fixture(scope="module")
-def input_ids(tokenizer):
+def input_ids(tiny_tokenizer):
     torch.manual_seed(2)
-    return torch.randint(0, len(tokenizer), (2, 12))
+    return torch.randint(0, len(tiny_tokenizer), (2, 12))
 
 
 def logits(model, ids):
@@ -38,10 +38,10 @@ def halves(model, ids):
 
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_grow_width_preserves_logits_and_reloads(tokenizer, input_ids, arch, tied, tmp_path):
+def test_grow_width_preserves_logits_and_reloads(tiny_tokenizer, input_ids, arch, tied, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    small = build_model(tokenizer, arch=arch, num_key_value_heads=1, tie_word_embeddings=tied).eval()
+    small = build_model(tiny_tokenizer, arch=arch, num_key_value_heads=1, tie_word_embeddings=tied).eval()
     ref = logits(small, input_ids)
     big = grow_width(small, factor=2, noise_std=0.05).eval()
     c = big.config
@@ -63,16 +63,16 @@ def test_grow_width_preserves_logits_and_reloads(tokenizer, input_ids, arch, tie
     assert small.config.hidden_size == 64  # the source is untouched
 
 
-def test_grow_width_factor_three(tokenizer, input_ids):
-    small = build_model(tokenizer, arch="qwen2").eval()
+def test_grow_width_factor_three(tiny_tokenizer, input_ids):
+    small = build_model(tiny_tokenizer, arch="qwen2").eval()
     big = grow_width(small, factor=3, noise_std=0.02)
     assert big.config.hidden_size == 192 and big.config.num_attention_heads == 6
     torch.testing.assert_close(logits(big, input_ids), logits(small, input_ids), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_grow_width_noise_breaks_the_symmetry(tokenizer, input_ids, arch):
-    small = build_model(tokenizer, arch=arch).eval()
+def test_grow_width_noise_breaks_the_symmetry(tiny_tokenizer, input_ids, arch):
+    small = build_model(tiny_tokenizer, arch=arch).eval()
     finals = {}
     for noise in (0.0, 0.05):
         big = grow_width(small, factor=2, noise_std=noise)
@@ -94,10 +94,10 @@ def test_grow_width_noise_breaks_the_symmetry(tokenizer, input_ids, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_grow_depth_adds_identity_blocks(tokenizer, input_ids, arch, tmp_path):
+def test_grow_depth_adds_identity_blocks(tiny_tokenizer, input_ids, arch, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    small = build_model(tokenizer, arch=arch, num_hidden_layers=3).eval()
+    small = build_model(tiny_tokenizer, arch=arch, num_hidden_layers=3).eval()
     ref = logits(small, input_ids)
     deep = grow_depth(small, 2).eval()
     assert deep.config.num_hidden_layers == 5
@@ -122,8 +122,8 @@ def test_grow_depth_adds_identity_blocks(tokenizer, input_ids, arch, tmp_path):
     assert deep.model.layers[1].self_attn.o_proj.weight.grad.abs().sum() > 0
 
 
-def test_grow_depth_positions_and_errors(tokenizer, input_ids):
-    small = build_model(tokenizer, arch="llama").eval()
+def test_grow_depth_positions_and_errors(tiny_tokenizer, input_ids):
+    small = build_model(tiny_tokenizer, arch="llama").eval()
     deep = grow_depth(small, positions=[1, 1, 0])
     assert deep.config.num_hidden_layers == 5
     torch.testing.assert_close(logits(deep, input_ids), logits(small, input_ids), atol=1e-5, rtol=0)
@@ -135,14 +135,14 @@ def test_grow_depth_positions_and_errors(tokenizer, input_ids):
         grow_depth(small)
 
 
-def test_growth_refuses_unsupported_inputs(tokenizer):
+def test_growth_refuses_unsupported_inputs(tiny_tokenizer):
     from transformers import AutoModelForCausalLM, GPTNeoXConfig
 
     neox = AutoModelForCausalLM.from_config(GPTNeoXConfig(vocab_size=64, hidden_size=64, intermediate_size=96,
                                                           num_hidden_layers=1, num_attention_heads=2))
     with pytest.raises(ValueError, match="not supported"):
         grow_width(neox)
-    small = build_model(tokenizer, arch="llama")
+    small = build_model(tiny_tokenizer, arch="llama")
     with pytest.raises(ValueError, match="factor"):
         grow_width(small, factor=1)
     attach_memory(small, MemoryConfig(levels=[LevelConfig("fast", 1, 4)]))

@@ -28,9 +28,9 @@ ARCHS = ["llama", "qwen2"]
 
 
 @pytest.fixture(scope="module")
-def input_ids(tokenizer):
+def input_ids(tiny_tokenizer):
     torch.manual_seed(1)
-    return torch.randint(0, len(tokenizer), (2, 10))
+    return torch.randint(0, len(tiny_tokenizer), (2, 10))
 
 
 def small_config(**kwargs) -> MemoryConfig:
@@ -41,8 +41,8 @@ def small_config(**kwargs) -> MemoryConfig:
     return MemoryConfig(levels=levels, **kwargs)
 
 
-def make(tokenizer, arch, config=None, **model_kwargs):
-    model = build_model(tokenizer, arch=arch, **model_kwargs).eval()
+def make(tiny_tokenizer, arch, config=None, **model_kwargs):
+    model = build_model(tiny_tokenizer, arch=arch, **model_kwargs).eval()
     return model, attach_memory(model, config or small_config())
 
 
@@ -76,8 +76,8 @@ def train_steps(model, ids, params, steps=3, lr=1e-2, weight_decay=0.1, optimize
 
 # --------------------------------------------------------------------------- attach / identity
 @pytest.mark.parametrize("arch", ARCHS)
-def test_attach_is_identity_masked_and_unlocked(tokenizer, input_ids, arch):
-    model = build_model(tokenizer, arch=arch).eval()
+def test_attach_is_identity_masked_and_unlocked(tiny_tokenizer, input_ids, arch):
+    model = build_model(tiny_tokenizer, arch=arch).eval()
     ref = logits(model, input_ids)
     n_host = sum(p.numel() for p in model.parameters())
     mem = attach_memory(model, small_config())
@@ -96,8 +96,8 @@ def test_attach_is_identity_masked_and_unlocked(tokenizer, input_ids, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_bank_forward_matches_hand_written_reference(tokenizer, arch):
-    model, mem = make(tokenizer, arch)
+def test_bank_forward_matches_hand_written_reference(tiny_tokenizer, arch):
+    model, mem = make(tiny_tokenizer, arch)
     mem.expand("fast")
     mem.expand("slow")
     mem.expand("slow")
@@ -155,8 +155,8 @@ def test_plain_mlp_experts_and_dense_export(tmp_path):
 
 # --------------------------------------------------------------------------- expand: only the new slot trains
 @pytest.mark.parametrize("arch", ARCHS)
-def test_only_the_expanded_slot_trains(tokenizer, input_ids, arch):
-    model, mem = make(tokenizer, arch)
+def test_only_the_expanded_slot_trains(tiny_tokenizer, input_ids, arch):
+    model, mem = make(tiny_tokenizer, arch)
     names = mem.expand("fast")
     assert sorted(names) == sorted(f"model.layers.{i}.mlp.memory.fast.{p}_0" for i in (0, 1) for p in
                                    ("gate", "up", "down"))
@@ -195,8 +195,8 @@ def test_only_the_expanded_slot_trains(tokenizer, input_ids, arch):
 
 # --------------------------------------------------------------------------- teacher view
 @pytest.mark.parametrize("arch", ARCHS)
-def test_teacher_view_is_the_model_before_the_newest_expand(tokenizer, input_ids, arch):
-    model, mem = make(tokenizer, arch)
+def test_teacher_view_is_the_model_before_the_newest_expand(tiny_tokenizer, input_ids, arch):
+    model, mem = make(tiny_tokenizer, arch)
     with pytest.raises(RuntimeError, match="needs a previous mem.expand"):
         with mem.teacher_view():
             pass
@@ -237,8 +237,8 @@ def test_teacher_view_is_the_model_before_the_newest_expand(tokenizer, input_ids
 
 # --------------------------------------------------------------------------- reset
 @pytest.mark.parametrize("arch", ARCHS)
-def test_reset_restores_the_pre_wake_function(tokenizer, input_ids, arch):
-    model, mem = make(tokenizer, arch)
+def test_reset_restores_the_pre_wake_function(tiny_tokenizer, input_ids, arch):
+    model, mem = make(tiny_tokenizer, arch)
     initial = mem.state_dict()
     ref = logits(model, input_ids)
     names = mem.expand("fast")
@@ -266,8 +266,8 @@ def test_reset_restores_the_pre_wake_function(tokenizer, input_ids, arch):
 
 # --------------------------------------------------------------------------- random experts
 @pytest.mark.parametrize("arch", ARCHS)
-def test_random_experts_only_change_routed_levels(tokenizer, input_ids, arch):
-    model, mem = make(tokenizer, arch)
+def test_random_experts_only_change_routed_levels(tiny_tokenizer, input_ids, arch):
+    model, mem = make(tiny_tokenizer, arch)
     mem.expand("fast")
     randomize(mem.parameters("fast"), seed=2)
     base = logits(model, input_ids)
@@ -321,13 +321,13 @@ def test_schedule_boundaries_slowest_first():
     assert counts == {"fast": 20, "mid": 4, "slow": 0}
 
 
-def test_memory_due_levels_uses_the_config(tokenizer):
-    _, mem = make(tokenizer, "llama")
+def test_memory_due_levels_uses_the_config(tiny_tokenizer):
+    _, mem = make(tiny_tokenizer, "llama")
     assert mem.due_levels(10) == ["fast"] and mem.due_levels(15) == [] and mem.schedule.target("fast") == "slow"
 
 
 # --------------------------------------------------------------------------- config and errors
-def test_config_validation_errors(tokenizer):
+def test_config_validation_errors(tiny_tokenizer):
     with pytest.raises(ValueError, match="duplicate"):
         MemoryConfig(levels=[LevelConfig("a"), LevelConfig("a")])
     with pytest.raises(ValueError, match="non-decreasing"):
@@ -350,7 +350,7 @@ def test_config_validation_errors(tokenizer):
     default = MemoryConfig()
     assert [(lv.name, lv.num_slots, lv.rank, lv.resolved_gate) for lv in default.levels] == [
         ("fast", 1, 64, "fixed"), ("slow", 5, 64, "sigmoid")]
-    model = build_model(tokenizer, arch="llama")
+    model = build_model(tiny_tokenizer, arch="llama")
     with pytest.raises(ValueError, match="outside the model's 2 decoder layers"):
         attach_memory(model, MemoryConfig(layers=[2]))
     mem = attach_memory(model, small_config(layers=[-1]))
@@ -368,11 +368,11 @@ def test_config_validation_errors(tokenizer):
 
 # --------------------------------------------------------------------------- persistence
 @pytest.mark.parametrize("arch", ARCHS)
-def test_save_and_load_give_identical_logits_and_state(tokenizer, input_ids, arch, tmp_path):
+def test_save_and_load_give_identical_logits_and_state(tiny_tokenizer, input_ids, arch, tmp_path):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    model, mem = make(tokenizer, arch)
+    model, mem = make(tiny_tokenizer, arch)
     ref = logits(model, input_ids)
     mem.expand("fast")
     randomize(mem.parameters("fast"), seed=5)
@@ -409,21 +409,21 @@ def test_save_and_load_give_identical_logits_and_state(tokenizer, input_ids, arc
     assert sorted(os.listdir(tmp_path / "mem_only")) == ["memory.safetensors", "memory_config.json"]
     meta = json.loads((tmp_path / "mem_only" / "memory_config.json").read_text())
     assert meta["state"]["unlocked"] == {"fast": 1, "slow": 1}
-    other = build_model(tokenizer, arch=arch, hidden_size=96, num_attention_heads=3)
+    other = build_model(tiny_tokenizer, arch=arch, hidden_size=96, num_attention_heads=3)
     with pytest.raises(ValueError, match="hidden size"):
         load_memory(other, tmp_path / "mem_only")
     with pytest.raises(FileNotFoundError, match="memory_config.json"):
-        load_memory(build_model(tokenizer, arch=arch), tmp_path / "nothing")
+        load_memory(build_model(tiny_tokenizer, arch=arch), tmp_path / "nothing")
 
 
 # --------------------------------------------------------------------------- dense export
 @pytest.mark.parametrize("arch", ARCHS)
-def test_dense_export_folds_fixed_levels_exactly(tokenizer, input_ids, arch, tmp_path):
+def test_dense_export_folds_fixed_levels_exactly(tiny_tokenizer, input_ids, arch, tmp_path):
     from transformers import AutoModelForCausalLM
 
     cfg = small_config(layers=[1], levels=[LevelConfig("fast", 1, 8, chunk_size=10),
                                            LevelConfig("slow", 3, 8, gate="fixed")])
-    model, mem = make(tokenizer, arch, cfg)
+    model, mem = make(tiny_tokenizer, arch, cfg)
     width = model.config.intermediate_size + 8 + 3 * 8
     mem.export_dense(tmp_path / "d0")
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "d0").config.intermediate_size == width
@@ -433,7 +433,7 @@ def test_dense_export_folds_fixed_levels_exactly(tokenizer, input_ids, arch, tmp
     mem.expand("slow")
     randomize(mem.parameters("slow", slots=[0, 1]), seed=8)
     out = logits(model, input_ids)
-    mem.export_dense(tmp_path / "d1", tokenizer=tokenizer)
+    mem.export_dense(tmp_path / "d1", tokenizer=tiny_tokenizer)
     dense = AutoModelForCausalLM.from_pretrained(tmp_path / "d1").eval()
     assert dense.config.intermediate_size == width  # constant shape, whatever is unlocked
     assert find_memory(dense) is None
@@ -446,8 +446,8 @@ def test_dense_export_folds_fixed_levels_exactly(tokenizer, input_ids, arch, tmp
         torch.testing.assert_close(logits(mem.dense_model(), input_ids), no_fast, atol=1e-5, rtol=0)
 
 
-def test_dense_export_refuses_active_routed_level(tokenizer, input_ids):
-    model, mem = make(tokenizer, "qwen2")
+def test_dense_export_refuses_active_routed_level(tiny_tokenizer, input_ids):
+    model, mem = make(tiny_tokenizer, "qwen2")
     mem.expand("fast")
     mem.expand("slow")
     with pytest.raises(ValueError, match="gate='sigmoid'"):
@@ -461,8 +461,8 @@ def test_dense_export_refuses_active_routed_level(tokenizer, input_ids):
 
 
 # --------------------------------------------------------------------------- detach, copies, PEFT
-def test_detach_restores_the_host(tokenizer, input_ids, tmp_path):
-    model = build_model(tokenizer, arch="llama").eval()
+def test_detach_restores_the_host(tiny_tokenizer, input_ids, tmp_path):
+    model = build_model(tiny_tokenizer, arch="llama").eval()
     ref = logits(model, input_ids)
     names = {n for n, _ in model.named_parameters()}
     mem = attach_memory(model, small_config())
@@ -476,8 +476,8 @@ def test_detach_restores_the_host(tokenizer, input_ids, tmp_path):
     assert not has_memory(tmp_path / "plain")
 
 
-def test_deepcopy_gets_its_own_memory(tokenizer, input_ids):
-    model, mem = make(tokenizer, "llama")
+def test_deepcopy_gets_its_own_memory(tiny_tokenizer, input_ids):
+    model, mem = make(tiny_tokenizer, "llama")
     clone = copy.deepcopy(model)
     mem_c = find_memory(clone)
     assert mem_c is not None and mem_c is not mem and mem_c.model is clone
@@ -487,10 +487,10 @@ def test_deepcopy_gets_its_own_memory(tokenizer, input_ids):
     assert not torch.allclose(logits(clone, input_ids), logits(model, input_ids), atol=1e-4)
 
 
-def test_memory_under_a_peft_wrapper(tokenizer, input_ids):
+def test_memory_under_a_peft_wrapper(tiny_tokenizer, input_ids):
     from peft import LoraConfig, get_peft_model
 
-    model, mem = make(tokenizer, "llama")
+    model, mem = make(tiny_tokenizer, "llama")
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))
     assert find_memory(peft_model) is mem
     names = mem.expand("slow", root=peft_model)

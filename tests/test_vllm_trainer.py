@@ -102,7 +102,8 @@ def test_memory_teacher_view_and_student_through_the_dense_engine(tmp_path, tiny
     names = mem.expand("slow")
     mem.suspend("fast")
     trainer = GeneralizedDistillationTrainer(
-        model=model, processing_class=tiny_tokenizer, train_dataset=prompts(),
+        model=model, processing_class=tiny_tokenizer,
+        train_dataset=prompts().add_column("replay", [i % 2 == 1 for i in range(len(prompts()))]),
         args=config(tmp_path, teacher_view="memory", lmbda=1.0, alpha=1.0, trainable_parameters=names, max_steps=1),
     )
     ids = batch_prompt_ids(trainer)

@@ -23,6 +23,17 @@ from .ledger import Ledger, PhaseRecord
 BASE = "base"  # the evaluation before any session (session index -1)
 
 
+# The evaluation's metric names and the same metrics as DreamTrainer's tau calls them.
+TAU_METRIC_OF_EVAL_METRIC = {"contains": "contains", "exact": "exact_match", "f1": "token_f1"}
+
+
+def _available_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the platform reports it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 class SleepCycle:
     def __init__(self, config: SleepConfig, console: Console | None = None):
         self.config = config
@@ -58,8 +69,8 @@ class SleepCycle:
             self.console.print(f"[bold]{self.output_dir} holds a finished run; nothing to do.")
             return load_report(self.output_dir, self.console)
         # `accelerate launch` exports OMP_NUM_THREADS=1 for every process; one process should use every core.
-        threads = cfg.torch_threads or (len(os.sched_getaffinity(0)) if int(os.environ.get("WORLD_SIZE", "1")) == 1
-                                        else None)
+        single = int(os.environ.get("WORLD_SIZE", "1")) == 1
+        threads = cfg.torch_threads or (_available_cores() if single else None)
         if threads:
             torch.set_num_threads(threads)
         started = time.perf_counter()
@@ -261,7 +272,7 @@ class SleepCycle:
             policy_update=cfg.dream_policy_update,
             max_completion_length=cfg.dream_max_completion_length,
             tau="qa",
-            tau_metric={"contains": "contains", "exact": "exact_match", "f1": "token_f1"}[cfg.eval_metric],
+            tau_metric=TAU_METRIC_OF_EVAL_METRIC[cfg.eval_metric],
             tau_max_new_tokens=cfg.eval_max_new_tokens,
             inner_steps=cfg.dream_inner_steps,
             # each router also turns on one random unlocked expert while dreaming (routed slow levels only)

@@ -130,6 +130,11 @@ class _Teacher:
         self.name = name
 
     @property
+    def splits_replay(self) -> bool:
+        """Replayed rows need a view of their own (a separate forward/generate call)."""
+        return self.is_view and self.replay_view is not None and self.replay_view is not self.view
+
+    @property
     def is_view(self) -> bool:
         return self.model is None
 
@@ -254,7 +259,7 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
             )
         self.vocab_size = len(self._tokenizer)
         self.teachers = self._build_teachers(teacher_sources, args, teacher_view, replay_view)
-        self._check_replay(train_dataset, args)
+        self._has_replay = self._check_replay(train_dataset, args)
         self.teacher_model = next((t.model for t in self.teachers if not t.is_view), None)
         self._check_teacher_heads()
 
@@ -339,7 +344,8 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
         if args.teacher_view == "disable_adapter":
             if not is_peft_model(student):
                 raise ValueError("`teacher_view: disable_adapter` needs a PEFT student (pass a `peft_config`).")
-            return student.disable_adapter, student.disable_adapter
+            view = student.disable_adapter  # one bound method for both: replayed rows need no separate call
+            return view, view
         try:
             from ..memory import find_memory
         except ImportError:  # pragma: no cover - memory package absent
@@ -414,10 +420,11 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
                     )
         return teachers
 
-    def _check_replay(self, dataset, args: GeneralizedDistillationConfig) -> None:
+    def _check_replay(self, dataset, args: GeneralizedDistillationConfig) -> bool:
+        """Whether the dataset marks replayed rows (refused unless a single teacher view can teach them)."""
         columns = getattr(dataset, "column_names", None) or []
         if args.replay_column not in columns or not any(dataset[args.replay_column]):
-            return
+            return False
         teacher = self.teachers[0]
         if len(self.teachers) > 1 or not teacher.is_view or teacher.replay_view is None:
             raise ValueError(
@@ -425,6 +432,7 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
                 "that needs a single teacher view (`teacher_view: memory`, `disable_adapter`, `self`, or a "
                 "`teacher_view` callable with a `replay_view`). Drop the column to teach every row alike."
             )
+        return True
 
     def _head_rows(self, module) -> int:
         return self.accelerator.unwrap_model(module).config.get_text_config().vocab_size
@@ -556,7 +564,7 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
         output = super()._generate_and_score_completions(inputs)
         prompt_ids = [ids[m.bool()].tolist() for ids, m in zip(output["prompt_ids"], output["prompt_mask"])]
 
-        if any(self._batch_replay):
+        if self._has_replay:  # on every rank (ZeRO-3 ranks must run the same teacher forwards)
             output["replay_mask"] = torch.tensor(self._batch_replay, device=self.accelerator.device)
         if self._batch_teacher_prompt_ids is not None:
             device = self.accelerator.device
@@ -670,12 +678,13 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
         assignment = [rng.choices(range(len(self.teachers)), weights=weights)[0] for _ in prompt_ids]
         replay = self._batch_replay if len(self._batch_replay) == len(prompt_ids) else [False] * len(prompt_ids)
         completions: list[list[int] | None] = [None] * len(prompt_ids)
-        groups = [(index, flag) for index in range(len(self.teachers)) for flag in (False, True)]
+        groups = [(index, flag) for index, teacher in enumerate(self.teachers)
+                  for flag in ((False, True) if teacher.splits_replay and self._has_replay else (None,))]
         for index, flag in groups:
             teacher = self.teachers[index]
-            rows = [i for i, a in enumerate(assignment) if a == index and replay[i] == flag]
+            rows = [i for i, a in enumerate(assignment) if a == index and (flag is None or replay[i] == flag)]
             # Every rank must enter the same generate calls under ZeRO-3 (parameters are gathered collectively).
-            if not rows and (flag or not self.is_deepspeed_enabled):
+            if not rows and not self.is_deepspeed_enabled:
                 continue
             batch = [prompt_ids[i] for i in rows] or [prompt_ids[0]]
             view = teacher.replay_view if flag else teacher.view
@@ -845,20 +854,25 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
         self, teacher: _Teacher, unwrapped_student, input_ids, attention_mask, logits_to_keep, replay_mask=None
     ):
         with torch.no_grad():
-            if teacher.is_view and replay_mask is not None and bool(replay_mask.any()):
-                # Rows marked as replay are taught by the replay view, the others by the teacher view.
+            split = teacher.splits_replay and replay_mask is not None
+            if split and (bool(replay_mask.any()) or self.is_deepspeed_enabled):
+                # Rows marked as replay are taught by the replay view, the others by the teacher view. Under ZeRO-3
+                # every rank runs both forwards (parameters are gathered collectively): an empty group runs on
+                # row 0 and is discarded.
                 out = None
                 for flag, view in ((False, teacher.view), (True, teacher.replay_view)):
                     rows = (replay_mask == flag).nonzero().squeeze(-1)
-                    if rows.numel() == 0:
+                    if rows.numel() == 0 and not self.is_deepspeed_enabled:
                         continue
+                    run = rows if rows.numel() else rows.new_zeros(1)
                     with view():
                         h = self._get_last_hidden_state(
-                            unwrapped_student, input_ids[rows], attention_mask[rows], logits_to_keep
+                            unwrapped_student, input_ids[run], attention_mask[run], logits_to_keep
                         )
                     if out is None:
                         out = h.new_zeros((input_ids.size(0), *h.shape[1:]))
-                    out[rows] = h
+                    if rows.numel():
+                        out[rows] = h
                 return out
             if teacher.is_view:
                 with teacher.view():
