@@ -45,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--eval-batch-size", type=int, default=24)
     p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--metric", default="contains", choices=["contains", "exact", "f1"])
+    p.add_argument("--metric", default="contains", choices=["contains", "exact_match", "f1"])
     p.add_argument(
         "--threads",
         type=int,
@@ -55,14 +55,6 @@ def parse_args(argv=None):
     )
     p.add_argument("--output-dir", default=None, help="write accuracy_matrix.json / .png here (must not exist)")
     return p.parse_args(argv)
-
-
-def session_text(world_session, tokenizer) -> list[str]:
-    """Documents as plain text plus training QA pairs rendered through the chat template."""
-    texts = list(world_session.documents["text"])
-    for row in world_session.train_sft:
-        texts.append(tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False))
-    return texts
 
 
 def main(argv=None):
@@ -81,7 +73,8 @@ def main(argv=None):
 
     from sleep_trl.assets import resolve_model_path
     from sleep_trl.data import make_world
-    from sleep_trl.eval import AccuracyMatrix, save_accuracy_matrix_plot
+    from sleep_trl.eval import AccuracyMatrix, ClosedBookQA, save_accuracy_matrix_plot
+    from sleep_trl.sleep.data import wake_texts
 
     hf_logging.set_verbosity_error()
     if args.threads is not None:
@@ -93,12 +86,12 @@ def main(argv=None):
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     eval_sets = [s.eval_qa for s in world.sessions]
-    eval_kwargs = dict(batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens)
+    qa = ClosedBookQA(metric=args.metric, batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens)
     matrix = AccuracyMatrix(num_sessions=args.sessions, metric=args.metric)
     timings = {}
 
     t = time.perf_counter()
-    matrix.evaluate_model(None, model, tokenizer, eval_sets, **eval_kwargs)
+    matrix.evaluate_model(None, model, tokenizer, eval_sets, qa=qa)
     timings["eval_base"] = time.perf_counter() - t
     console.print(f"zero-shot accuracy before training: {[round(x, 3) for x in matrix.base]}")
 
@@ -108,7 +101,7 @@ def main(argv=None):
     model = get_peft_model(model, lora)
     scratch = tempfile.mkdtemp(prefix="baseline_forgetting_")
     for i, session in enumerate(world.sessions):
-        dataset = Dataset.from_dict({"text": session_text(session, tokenizer)})
+        dataset = Dataset.from_dict({"text": wake_texts(session, tokenizer)})
         config = SFTConfig(
             output_dir=scratch,  # nothing is saved there (save_strategy="no")
             num_train_epochs=args.epochs,
@@ -132,7 +125,7 @@ def main(argv=None):
         result = trainer.train()
         timings[f"train_{i}"] = time.perf_counter() - t
         t = time.perf_counter()
-        row = matrix.evaluate_model(i, model, tokenizer, eval_sets, **eval_kwargs)
+        row = matrix.evaluate_model(i, model, tokenizer, eval_sets, qa=qa)
         timings[f"eval_{i}"] = time.perf_counter() - t
         console.print(
             f"session {i}: {result.global_step} steps, final loss {result.training_loss:.3f}, "

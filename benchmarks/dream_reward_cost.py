@@ -30,7 +30,7 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sleep_trl.assets import resolve_model_path
-from sleep_trl.dreaming.inner_loop import default_target_modules, evaluate_dreams, train_adapter
+from sleep_trl.dreaming.inner_loop import InnerLoopConfig, default_target_modules, evaluate_dreams, train_adapter
 from sleep_trl.dreaming.passages import demo_tasks
 from sleep_trl.dreaming.selection import dream_importance, resolve_importance_parameters
 from sleep_trl.dreaming.tau import NoContextQA
@@ -57,7 +57,8 @@ def copy_per_dream(model, tokenizer, tau, tasks, dreams, *, r, alpha, steps, lr,
         peft.eval()
         t1 = time.perf_counter()
         params = [p for p in peft.parameters() if p.requires_grad]
-        train_adapter(peft, tokenizer, SimpleNamespace(parameters=params), [dream], steps, lr)
+        inner = SimpleNamespace(parameters=params, config=InnerLoopConfig(steps=steps, learning_rate=lr))
+        train_adapter(peft, tokenizer, inner, [dream])
         t2 = time.perf_counter()
         after = tau(peft, tokenizer, task)
         t3 = time.perf_counter()
@@ -105,10 +106,7 @@ def main():
         tasks[:1],
         [[dreams[0]]],
         before[:1],
-        r=args.r,
-        lora_alpha=2 * args.r,
-        steps=1,
-        learning_rate=args.inner_lr,
+        InnerLoopConfig(r=args.r, lora_alpha=2 * args.r, steps=1, learning_rate=args.inner_lr),
     )
     t0 = time.perf_counter()
     shared = evaluate_dreams(
@@ -118,11 +116,7 @@ def main():
         tasks,
         [[d] for d in dreams],
         before,
-        r=args.r,
-        lora_alpha=2 * args.r,
-        steps=args.inner_steps,
-        learning_rate=args.inner_lr,
-        seed=0,
+        InnerLoopConfig(r=args.r, lora_alpha=2 * args.r, steps=args.inner_steps, learning_rate=args.inner_lr, seed=0),
     )
     shared_total = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import yaml
 from trl import TrlParser
 
-from sleep_trl.dreaming.job import ARGUMENT_CLASSES, run
+from sleep_trl.scripts.dream import ARGUMENT_CLASSES, run
 
 # CPU-friendly defaults for this example (a recipe or a flag overrides them).
 EXAMPLE_DEFAULTS = {

@@ -21,7 +21,7 @@ from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config  # noqa
 
 from sleep_trl import GeneralizedDistillationConfig, GeneralizedDistillationTrainer  # was: DistillationConfig/Trainer
 from sleep_trl.assets import resolve_model_path
-from sleep_trl.scripts.data_loading import load_named_dataset
+from sleep_trl.data.loading import load_named_dataset
 
 
 def main(script_args, training_args, model_args):

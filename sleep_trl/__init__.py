@@ -3,21 +3,24 @@
 from importlib import import_module
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0.dev0"
+from ._version import __version__
 
 # Heavy imports (torch, transformers, trl) happen on first attribute access, so `import sleep_trl` and the CLI's
 # argument errors stay fast.
 _LAZY = {
+    "ConsolidationResult": "sleep_trl.sleep.consolidation",
     "DreamConfig": "sleep_trl.trainers.dream_config",
     "DreamTrainer": "sleep_trl.trainers.dream_trainer",
     "GeneralizedDistillationConfig": "sleep_trl.trainers.generalized_distillation_config",
     "GeneralizedDistillationTrainer": "sleep_trl.trainers.generalized_distillation_trainer",
+    "MemoryCheckpointCallback": "sleep_trl.sleep.callback",
     "SleepCallback": "sleep_trl.sleep.callback",
     "SleepConfig": "sleep_trl.sleep.config",
     "SleepCycle": "sleep_trl.sleep.cycle",
+    "consolidate": "sleep_trl.sleep.consolidation",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = ["__version__", *sorted(_LAZY)]
 
 
 def __getattr__(name):
@@ -27,7 +30,14 @@ def __getattr__(name):
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .sleep import SleepCallback, SleepConfig, SleepCycle  # noqa: F401
+    from .sleep import (  # noqa: F401
+        ConsolidationResult,
+        MemoryCheckpointCallback,
+        SleepCallback,
+        SleepConfig,
+        SleepCycle,
+        consolidate,
+    )
     from .trainers import (  # noqa: F401
         DreamConfig,
         DreamTrainer,

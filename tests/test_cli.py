@@ -78,3 +78,63 @@ def test_console_script_reports_recipe_errors_with_exit_code_2(tmp_path, capsys)
 def test_module_entry_point_runs():
     proc = subprocess.run([sys.executable, "-m", "sleep_trl", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "job" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The sleep job's sections: every phase trainer's field by its own name, checked at every depth
+# ---------------------------------------------------------------------------------------------------------------------
+
+SLEEP_TINY = ROOT / "recipes/sleep_tiny.yaml"
+
+
+def test_section_fields_reach_the_phase_trainers_from_yaml_and_flags(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    # `5e-4` without a dot is a string to YAML 1.1; a section reads it as the number it means
+    recipe.write_text(SLEEP_TINY.read_text() + "dream_args:\n  num_dreams: 3\n  inner_lora_r: 2\n  learning_rate: 5e-4\n")
+    _, _, (config,) = parse_recipe(recipe, ["--consolidation_args.lmbda", "0.5", "--consolidation_args.alpha=0.25",
+                                            "--wake_args.learning_rate", "3e-3", "--dream_args.num_dreams", "5"])
+    consolidation = config.phase_config("consolidation_args", output_dir=str(tmp_path / "c"), seed=1)
+    assert (consolidation.lmbda, consolidation.alpha) == (0.5, 0.25)
+    assert consolidation.max_steps == 2 and consolidation.max_completion_length == 8  # from the recipe's section
+    assert config.phase_config("wake_args", output_dir=str(tmp_path / "w"), seed=1).learning_rate == 3e-3
+    dream = config.phase_config("dream_args", output_dir=str(tmp_path / "d"), seed=1)
+    assert (dream.num_generations, dream.inner_lora_r, dream.learning_rate) == (5, 2, 5e-4)  # the flag wins
+    assert dream.per_device_train_batch_size == 5  # one context per round, unless set
+    assert config.fingerprint()["consolidation_args.lmbda"] == 0.5
+
+
+def test_unknown_section_keys_are_named_with_the_closest_field(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(SLEEP_TINY.read_text() + "consolidation_args:\n  lmbdaa: 0.5\n")
+    with pytest.raises(RecipeError, match=r"'consolidation_args.lmbdaa' \(did you mean 'consolidation_args.lmbda'"):
+        parse_recipe(recipe)
+    with pytest.raises(RecipeError, match=r"'wake_args.learnig_rate' \(did you mean 'wake_args.learning_rate'"):
+        parse_recipe(SLEEP_TINY, ["--wake_args.learnig_rate", "1e-3"])
+
+
+def test_misspelled_or_misplaced_flags_get_the_same_did_you_mean_as_recipe_keys():
+    with pytest.raises(RecipeError, match=r"'lmbdaa' .*did you mean .*'consolidation_args.lmbda'"):
+        parse_recipe(SLEEP_TINY, ["--lmbdaa", "0.5"])
+    # a phase trainer's field given at the top level points to its section
+    with pytest.raises(RecipeError, match=r"'learning_rate' .*'wake_args.learning_rate'"):
+        parse_recipe(SLEEP_TINY, ["--learning_rate", "0.1"])
+    with pytest.raises(RecipeError, match="max_stepz"):
+        parse_recipe(ROOT / "recipes/seed_tiny.yaml", ["--max_stepz", "3"])
+
+
+def test_fields_the_cycle_sets_and_bad_values_are_refused_by_section_and_name():
+    with pytest.raises(RecipeError, match=r"`consolidation_args.trainable_parameters` is set by the cycle"):
+        parse_recipe(SLEEP_TINY, ["--consolidation_args.trainable_parameters", "[x]"])
+    with pytest.raises(RecipeError, match=r"`dream_args.tau_metric` is set by the cycle .*eval_"):
+        parse_recipe(SLEEP_TINY, ["--dream_args.tau_metric", "f1"])
+    with pytest.raises(RecipeError, match=r"`consolidation_args`: `lmbda` must be in \[0, 1\], got 2"):
+        parse_recipe(SLEEP_TINY, ["--consolidation_args.lmbda", "2"])
+    with pytest.raises(RecipeError, match=r"`eval_metric`='exact' is not supported"):
+        parse_recipe(SLEEP_TINY, ["--eval_metric", "exact"])
+
+
+def test_yaml_syntax_error_is_a_recipe_error(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("job: sleep\nnum_sessions: [3\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        parse_recipe(broken)

@@ -30,13 +30,10 @@ def test_default_world_shape_and_columns(world):
         assert {f.session for f in s.facts} == {i}
         assert s.eval_qa.column_names == ["question", "answer", "fact_id", "session", "entity", "attribute"]
         assert len(s.eval_qa) == 24
-        assert len(s.train_sft) == 48 and len(s.train_sft_text) == 48
+        assert len(s.train_sft) == 48
         row = s.train_sft[0]
         assert row["prompt"][0]["role"] == "user" and row["completion"][0]["role"] == "assistant"
         assert len(row["prompt"]) == 1 and len(row["completion"]) == 1
-        text_row = s.train_sft_text[0]
-        assert text_row["prompt"].startswith("Question: ") and text_row["prompt"].endswith("\nAnswer:")
-        assert text_row["completion"] == " " + row["completion"][0]["content"]
         assert set(s.documents.column_names) == {"text", "entity", "session"}
         assert set(s.dream_tasks.column_names) == {"context", "questions", "answers", "entity", "session"}
     fact_ids = [f.fact_id for f in world.facts]
@@ -128,7 +125,7 @@ def test_json_round_trip_keeps_every_dataset(world, tmp_path):
     again = World.from_json(world.to_json())
     assert again == world
     for a, b in zip(world.sessions, again.sessions):
-        for name in ("documents", "train_sft", "train_sft_text", "eval_qa", "dream_tasks"):
+        for name in ("documents", "train_sft", "eval_qa", "dream_tasks"):
             assert getattr(a, name).to_list() == getattr(b, name).to_list(), name
     assert again.answer_space("colour") == world.answer_space("colour")
     with pytest.raises(ValueError, match="format"):

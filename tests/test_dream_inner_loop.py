@@ -9,7 +9,13 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from sleep_trl.dreaming.inner_loop import IsolatedAdapter, compute_reward, evaluate_dreams, train_adapter
+from sleep_trl.dreaming.inner_loop import (
+    InnerLoopConfig,
+    IsolatedAdapter,
+    compute_reward,
+    evaluate_dreams,
+    train_adapter,
+)
 from sleep_trl.dreaming.sft_data import collate, encode_example, token_nll_sum
 from sleep_trl.dreaming.tau import NoContextQA
 from sleep_trl.tiny import build_model
@@ -96,10 +102,10 @@ def test_inner_loop_leaves_policy_bit_identical(tiny_tokenizer, tau, build):
     peft_keys = list(getattr(model, "peft_config", {}))
     active = getattr(model, "active_adapters", None)
 
-    with IsolatedAdapter(model, r=4, lora_alpha=8, seed=0) as adapter:
+    with IsolatedAdapter(model, InnerLoopConfig(r=4, lora_alpha=8, seed=0, steps=3, learning_rate=1e-2)) as adapter:
         # Until it learns, the isolated copy is the policy (B = 0).
         assert torch.equal(_logits(model, tiny_tokenizer), logits)
-        train_adapter(model, tiny_tokenizer, adapter, ["Question: who? Answer: a fox"], steps=3, learning_rate=1e-2)
+        train_adapter(model, tiny_tokenizer, adapter, ["Question: who? Answer: a fox"])
         assert not torch.allclose(_logits(model, tiny_tokenizer), logits), "the inner adapter did not learn"
         # Only the adapter trains: every policy parameter is frozen inside the block.
         trainable = {id(p) for p in model.parameters() if p.requires_grad}
@@ -123,10 +129,7 @@ def test_evaluate_dreams_leaves_peft_policy_identical(tiny_tokenizer, tau):
         [TASK, TASK],
         [["Question: x\nAnswer: y"], []],
         [0.0, 0.0],
-        r=4,
-        lora_alpha=8,
-        steps=2,
-        learning_rate=1e-2,
+        InnerLoopConfig(r=4, lora_alpha=8, steps=2, learning_rate=1e-2),
     )
     assert_identical(before, snapshot(model))
 
@@ -144,10 +147,7 @@ def test_reward_is_one_when_the_dream_holds_the_answer_and_zero_when_it_cannot_h
         [TASK, TASK],
         [answer_dream, []],
         [tau_before, tau_before],
-        r=8,
-        lora_alpha=16,
-        steps=30,
-        learning_rate=1e-2,
+        InnerLoopConfig(r=8, lora_alpha=16, steps=30, learning_rate=1e-2),
     )
     assert results[0].tau_after == 1.0 and results[0].reward == 1.0
     # An empty dream gives the copy nothing to learn: same tau, reward exactly 0.
@@ -160,10 +160,7 @@ def test_reward_is_one_when_the_dream_holds_the_answer_and_zero_when_it_cannot_h
         [TASK, TASK],
         [irrelevant, answer_dream],
         [tau_before, tau_before],
-        r=8,
-        lora_alpha=16,
-        steps=30,
-        learning_rate=0.0,
+        InnerLoopConfig(r=8, lora_alpha=16, steps=30, learning_rate=0.0),
     )
     assert [(r.tau_after, r.reward) for r in frozen] == [(0.0, 0.0), (0.0, 0.0)]
 
@@ -179,9 +176,9 @@ def test_adapter_is_reset_between_dreams(tiny_tokenizer):
         return -float(total) / count
 
     dream_a, dream_b = ["Question: who? Answer: the fox"], ["Monday Tuesday Wednesday"]
-    kw = {"r": 4, "lora_alpha": 8, "steps": 4, "learning_rate": 5e-3, "reward_type": "improvement"}
-    both = evaluate_dreams(model, tiny_tokenizer, neg_loss_tau, [TASK, TASK], [dream_b, dream_a], [0.0, 0.0], **kw)
-    alone = evaluate_dreams(model, tiny_tokenizer, neg_loss_tau, [TASK], [dream_a], [0.0], **kw)
+    kw = InnerLoopConfig(r=4, lora_alpha=8, steps=4, learning_rate=5e-3, reward_type="improvement")
+    both = evaluate_dreams(model, tiny_tokenizer, neg_loss_tau, [TASK, TASK], [dream_b, dream_a], [0.0, 0.0], kw)
+    alone = evaluate_dreams(model, tiny_tokenizer, neg_loss_tau, [TASK], [dream_a], [0.0], kw)
     assert both[1].tau_after == pytest.approx(alone[0].tau_after, abs=1e-6)
     assert both[0].tau_after != pytest.approx(alone[0].tau_after, abs=1e-4)
 
@@ -199,5 +196,6 @@ def test_compute_reward():
 
 def test_adapter_name_clash_is_an_error(tiny_tokenizer):
     model = build_model(tiny_tokenizer, seed=5)
-    with IsolatedAdapter(model, r=2, lora_alpha=4), pytest.raises(ValueError, match="already has an adapter"):
-        IsolatedAdapter(model, r=2, lora_alpha=4).__enter__()
+    small = InnerLoopConfig(r=2, lora_alpha=4)
+    with IsolatedAdapter(model, small), pytest.raises(ValueError, match="already has an adapter"):
+        IsolatedAdapter(model, small).__enter__()

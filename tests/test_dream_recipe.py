@@ -8,28 +8,20 @@ from pathlib import Path
 
 import pytest
 import yaml
-from trl import TrlParser
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from sleep_trl.dreaming.job import ARGUMENT_CLASSES, run
+from sleep_trl.cli import RecipeError, parse_recipe
+from sleep_trl.scripts.dream import ARGUMENT_CLASSES, run
 from sleep_trl.trainers.dream_config import DreamConfig, DreamScriptArguments
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "dream.yaml"
 
 
-def parse_recipe(path: Path, argv=()):
-    config = yaml.safe_load(path.read_text())
-    job = config.pop("job")
-    parser = TrlParser(ARGUMENT_CLASSES)
-    unknown = parser.set_defaults_with_config(**config)
-    return job, unknown, parser.parse_args_into_dataclasses(list(argv))
-
-
 def test_dream_recipe_parses_into_the_job_dataclasses():
-    job, unknown, (script_args, config) = parse_recipe(RECIPE)
+    job, module, (script_args, config) = parse_recipe(RECIPE)
     raw = yaml.safe_load(RECIPE.read_text())
-    assert job == "dream" and unknown == []
+    assert job == "dream" and module.ARGUMENT_CLASSES == ARGUMENT_CLASSES
     assert isinstance(script_args, DreamScriptArguments) and isinstance(config, DreamConfig)
     assert script_args.model_name_or_path == raw["model_name_or_path"]
     assert config.num_generations == raw["num_dreams"] == 4
@@ -44,13 +36,16 @@ def test_dream_recipe_parses_into_the_job_dataclasses():
         "num_iterations",
     ):
         assert getattr(config, key) == raw[key], key
+    inner = config.inner_loop()  # the inner loop is configured from the recipe's inner_* fields, in one place
+    assert (inner.r, inner.lora_alpha, inner.steps, inner.learning_rate) == (
+        raw["inner_lora_r"], raw["inner_lora_alpha"], raw["inner_steps"], raw["inner_learning_rate"])
 
 
-def test_unknown_recipe_key_is_reported(tmp_path):
+def test_unknown_recipe_key_is_reported_with_the_closest_field(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(RECIPE.read_text() + "\nnum_dreems: 3\n")
-    _, unknown, _ = parse_recipe(bad)
-    assert unknown == ["--num_dreems", "3"]
+    with pytest.raises(RecipeError, match=r"'num_dreems' \(did you mean 'num_dreams'"):
+        parse_recipe(bad)
 
 
 def test_dream_job_runs_on_a_tiny_model(tmp_path):

@@ -55,7 +55,7 @@ def test_qa_scores_against_hand_values():
     assert exact.score(["the Kestrel", "1643", "Blue glass."], refs) == [1.0, 0.0, 1.0]
     contains = NoContextQA(metric="contains")
     assert contains.score(["It was Idra Kestrel, I think", "in 16420", "glass"], refs) == [1.0, 0.0, 0.0]
-    f1 = NoContextQA(metric="token_f1")
+    f1 = NoContextQA(metric="f1")
     # "blue glass lamps" vs "blue glass": precision 2/3, recall 1 -> F1 0.8
     assert f1.score(["x", "y", "blue glass lamps"], refs) == pytest.approx([0.0, 0.0, 0.8])
 
@@ -90,7 +90,7 @@ def test_malformed_tasks_fail_clearly():
         NoContextQA().queries({"questions": ["a", "b"], "answers": ["x"]})
     with pytest.raises(ValueError, match="'input' and 'output'"):
         HeldOutDemoAccuracy().queries({"demos": [{"question": "a"}]})
-    with pytest.raises(ValueError, match="tau_metric"):
+    with pytest.raises(ValueError, match="`metric`='bleu' is not supported"):
         NoContextQA(metric="bleu")
 
 

@@ -69,7 +69,7 @@ def fixed_rewards(monkeypatch):
     """Replace the inner loop by fixed rewards (in the order the dreams reach it), to test the policy update alone."""
     box = {}
 
-    def fake(model, tiny_tokenizer, tau, tasks, dreams, tau_before, **kwargs):
+    def fake(model, tiny_tokenizer, tau, tasks, dreams, tau_before, config=None):
         rewards = box["rewards"][: len(dreams)]
         return [DreamEvaluation(r, b, b + r, 0.0, 0.0, 1) for r, b in zip(rewards, tau_before, strict=True)]
 
@@ -320,6 +320,25 @@ def test_write_dreams_and_evaluate_dreaming_leave_the_policy_untouched(tmp_path,
     assert trainer.write_dreams(num_dreams=1, temperature=0.0, batch_size=2) == [[d[0]] for d in dreams]
     result = trainer.evaluate_dreaming(num_dreams=1)
     assert set(result) == {"tau", "tau_after_dream", "improved_fraction"}
-    assert 0.0 <= result["tau_after_dream"] <= 1.0
+    assert result["tau"] == pytest.approx(trainer.evaluate_tau())  # tau of the model as it is, unchanged by dreaming
     for key, value in trainer.model.state_dict().items():
         assert torch.equal(value, state[key]), key
+
+
+def test_evaluate_dreaming_averages_the_inner_loop_outcomes(tmp_path, tiny_tokenizer, dataset, monkeypatch):
+    """SEAL's protocol: tau after each dream and the improved fraction are the means of the inner-loop outcomes,
+    always with the binary rule (whatever the training reward), one dream per task here."""
+    trainer = make_trainer(tmp_path, tiny_tokenizer, dataset, reward_type="improvement")
+    seen = {}
+
+    def fake(model, tokenizer, tau, tasks, dreams, tau_before, config=None):
+        seen["config"] = config
+        outcomes = [(1.0, 0.75), (0.0, 0.25)][: len(dreams)] + [(0.0, 0.0)] * max(0, len(dreams) - 2)
+        return [DreamEvaluation(r, b, a, 0.0, 0.0, 1) for (r, a), b in zip(outcomes, tau_before, strict=True)]
+
+    monkeypatch.setattr(dream_trainer_module, "evaluate_dreams", fake)
+    result = trainer.evaluate_dreaming(num_dreams=1)
+    n = len(dataset)
+    assert result["tau_after_dream"] == pytest.approx((0.75 + 0.25) / n)
+    assert result["improved_fraction"] == pytest.approx(1.0 / n)
+    assert seen["config"].reward_type == "binary" and trainer.args.reward_type == "improvement"

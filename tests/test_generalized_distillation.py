@@ -1,6 +1,7 @@
 """GeneralizedDistillationTrainer: the Knowledge Seeding objective against TRL and hand-written references."""
 
 import math
+import random
 
 import pytest
 import torch
@@ -8,12 +9,12 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
 from sleep_trl.trainers.generalized_distillation_config import GeneralizedDistillationConfig
-from sleep_trl.trainers.generalized_distillation_trainer import (
-    GeneralizedDistillationTrainer,
+from sleep_trl.trainers.generalized_distillation_objective import (
     clipped_policy_loss,
     generalized_jsd,
     group_advantages,
 )
+from sleep_trl.trainers.generalized_distillation_trainer import GeneralizedDistillationTrainer
 
 
 def cpu_args(tmp_path, **kw):
@@ -303,9 +304,12 @@ def test_imitation_rollouts_rewards_and_groups(tmp_path, student_dir, teacher_di
         args=cpu_args(tmp_path, alpha=0.0, gamma=0.25, num_imitation_generations=3, max_completion_length=10),
     )
     trainer.model.train()
+    written = []
+    real_sample = trainer.teachers.sample
+    trainer.teachers.sample = lambda *a: written.append(real_sample(*a)) or written[-1]
     out = trainer._generate_and_score_completions([prompts()[i] for i in range(4)])
     assert out["imit_completion_ids"].shape[:2] == (4, 3)
-    teacher_samples = trainer._last_teacher_completions
+    [teacher_samples] = written  # one teacher call serves the distillation sequences and the imitation targets
     # distillation sequences of an alpha=0 batch are the teacher samples themselves
     for row in range(4):
         ids = out["completion_ids"][row][out["completion_mask"][row].bool()].tolist()
@@ -368,7 +372,7 @@ def test_self_seeding_through_a_peft_view_holds_one_copy(tmp_path, student_dir):
     mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
     unwrapped = trainer.model
     with torch.no_grad():
-        h_view = trainer._teacher_hidden(trainer.teachers[0], unwrapped, ids, mask, 6)
+        [h_view] = trainer.teachers.hidden_states(unwrapped, ids, mask, 6)
         h_base = base.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, -7:-1]
         h_student = trainer._get_last_hidden_state(unwrapped, ids, mask, 6)
     assert torch.allclose(h_view, h_base, atol=1e-5)
@@ -416,7 +420,7 @@ def test_replay_rows_are_taught_by_the_long_term_memory(tmp_path, tiny_dir, tiny
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
     mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
     with torch.no_grad():
-        mixed = trainer._teacher_hidden(trainer.teachers[0], model, ids, mask, 6, replay)
+        [mixed] = trainer.teachers.hidden_states(model, ids, mask, 6, replay)
         with mem.teacher_view():
             awake = trainer._get_last_hidden_state(model, ids, mask, 6)
         asleep = trainer._get_last_hidden_state(model, ids, mask, 6)  # new slot has B = 0: the long-term memory
@@ -426,16 +430,15 @@ def test_replay_rows_are_taught_by_the_long_term_memory(tmp_path, tiny_dir, tiny
 
     # replayed rows get their own generate call, taught by the long-term memory
     calls = []
-    real_generate = trainer._hf_generate
+    real_generate = trainer.teachers.hf_generate
 
     def counting_generate(model, prompt_ids):
         calls.append((len(prompt_ids), mem.is_suspended("fast")))
         return real_generate(model, prompt_ids)
 
-    trainer._hf_generate = counting_generate
+    trainer.teachers.hf_generate = counting_generate
     prompt_ids = [row[m.bool()].tolist() for row, m in zip(batch["prompt_ids"], batch["prompt_mask"])]
-    trainer._batch_replay = replay.tolist()
-    trainer._teacher_generate(prompt_ids)
+    trainer.teachers.sample(prompt_ids, replay.tolist(), random.Random(0))
     assert calls == [(2, False), (2, True)]
 
     # under ZeRO-3 every rank runs both teacher forwards even when its rows hold no replay (the extra one on a
@@ -451,11 +454,10 @@ def test_replay_rows_are_taught_by_the_long_term_memory(tmp_path, tiny_dir, tiny
     trainer.is_deepspeed_enabled = True
     none = torch.zeros(4, dtype=torch.bool)
     with torch.no_grad():
-        lone = trainer._teacher_hidden(trainer.teachers[0], model, ids, mask, 6, none)
+        [lone] = trainer.teachers.hidden_states(model, ids, mask, 6, none)
     trainer.is_deepspeed_enabled = False
     trainer._get_last_hidden_state = real_hidden
-    trainer._hf_generate = real_generate
-    trainer._batch_replay = []
+    trainer.teachers.hf_generate = real_generate
     assert forwards == [4, 1]
     torch.testing.assert_close(lone, awake, atol=1e-5, rtol=0)
     trainer.train()
@@ -474,12 +476,11 @@ def test_replay_rows_of_a_peft_view_need_no_separate_call(tmp_path, student_dir)
     )
     assert not trainer.teachers[0].splits_replay
     calls = []
-    real_generate = trainer._hf_generate
-    trainer._hf_generate = lambda model, prompt_ids: calls.append(len(prompt_ids)) or real_generate(model, prompt_ids)
+    real_generate = trainer.teachers.hf_generate
+    trainer.teachers.hf_generate = lambda model, ids: calls.append(len(ids)) or real_generate(model, ids)
     batch = handmade_batch(trainer._tokenizer, seed=9, batch=4)
     prompt_ids = [row[m.bool()].tolist() for row, m in zip(batch["prompt_ids"], batch["prompt_mask"])]
-    trainer._batch_replay = [False, True, False, True]
-    assert len(trainer._teacher_generate(prompt_ids)) == 4
+    assert len(trainer.teachers.sample(prompt_ids, [False, True, False, True], random.Random(0))) == 4
     assert calls == [4]
 
 

@@ -32,7 +32,9 @@ def sft_args(tmp_path, **kw):
     return SFTConfig(**base)
 
 
-CONSOLIDATION = dict(max_steps=1, per_device_train_batch_size=4, max_completion_length=6, learning_rate=1e-3)
+# One step, so no warmup (the shared consolidation defaults warm up over 2 steps, which would leave it at lr 0).
+CONSOLIDATION = dict(max_steps=1, per_device_train_batch_size=4, max_completion_length=6, learning_rate=1e-3,
+                     warmup_steps=0)
 
 
 def test_sleeps_at_every_boundary_and_prunes_the_fast_level(tmp_path, tiny_dir, tiny_tokenizer):
@@ -98,3 +100,27 @@ def test_without_memory_is_a_clear_error(tmp_path, tiny_dir, tiny_tokenizer):
                          callbacks=[SleepCallback(every_n_steps=1, prompts=PROMPTS)])
     with pytest.raises(ValueError, match="continuum memory"):
         trainer.train()
+
+
+def test_callback_and_cycle_sleep_with_the_same_defaults(monkeypatch, tmp_path, tiny_dir, tiny_tokenizer):
+    """One sleep step: the callback calls the cycle's `consolidate` with the cycle's consolidation defaults."""
+    import sleep_trl.sleep.callback as callback_module
+    from sleep_trl.sleep import CONSOLIDATION_DEFAULTS, SleepConfig
+    from sleep_trl.sleep.consolidation import ConsolidationResult
+
+    calls = []
+
+    def fake_consolidate(model, tokenizer, prompts, args, **kwargs):
+        calls.append(dict(args))
+        return ConsolidationResult(slot=0, steps=args["max_steps"], train_loss=0.0, prompts=len(prompts))
+
+    monkeypatch.setattr(callback_module, "consolidate", fake_consolidate)
+    model, mem = model_with_memory(tiny_dir("cb_llama3", arch="llama", seed=7))
+    trainer = SFTTrainer(model=model, args=sft_args(tmp_path, max_steps=3), processing_class=tiny_tokenizer,
+                         train_dataset=Dataset.from_dict({"text": TEXTS}), callbacks=[SleepCallback(prompts=PROMPTS)])
+    trainer.train()
+    [fields] = calls
+    cycle_fields = SleepConfig().phase_fields("consolidation_args")
+    for key, value in CONSOLIDATION_DEFAULTS.items():
+        if key not in ("report_to", "save_strategy"):  # the callback keeps its sleeps quiet and checkpoint-free
+            assert fields[key] == value == cycle_fields[key], key

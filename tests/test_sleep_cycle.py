@@ -16,7 +16,7 @@ from sleep_trl.cli import parse_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes/sleep_tiny.yaml"
-FAST = ["--num_sessions", "2", "--sleep_steps", "2", "--wake_epochs", "0.5"]
+FAST = ["--num_sessions", "2", "--consolidation_args.max_steps", "2", "--wake_args.num_train_epochs", "0.5"]
 
 
 def tiny_config(output_dir, *extra):
@@ -86,8 +86,8 @@ def test_existing_run_with_another_config_is_refused(finished_run):
     from sleep_trl.sleep.ledger import LedgerMismatchError
 
     out, _ = finished_run
-    with pytest.raises(LedgerMismatchError, match="sleep_steps"):
-        run_cycle(tiny_config(out, "--sleep_steps", "3"))
+    with pytest.raises(LedgerMismatchError, match="consolidation_args.max_steps"):
+        run_cycle(tiny_config(out, "--consolidation_args.max_steps", "3"))
 
 
 def test_finished_run_is_not_redone(finished_run):
@@ -106,7 +106,7 @@ def test_sleep_off_is_sequential_finetuning_of_the_same_parameters(tmp_path):
     assert state["unlocked"] == {"fast": 1, "slow": 2}  # every slot the sleeping run would use, never reset
     wake = [p for p in report["phases"] if p["phase"] == "wake"]
     cfg = report["config"]
-    assert all(p["metrics"]["steps"] > cfg["sleep_steps"] for p in wake)
+    assert all(p["metrics"]["steps"] > cfg["consolidation_args"]["max_steps"] for p in wake)
 
 
 @pytest.mark.slow
@@ -150,31 +150,36 @@ def test_resume_after_kill_gives_the_same_result(tmp_path, finished_run):
 
 def test_dreaming_runs_after_consolidation_and_trains_only_the_new_expert(tmp_path, monkeypatch):
     """`dream: true` adds a dream phase after each consolidation; it trains the slow expert that sleep unlocked and
-    nothing else. A random tiny model cannot improve tau, so every selected dream is kept (threshold below any
-    reward) to make the update non-zero."""
-    import sleep_trl.trainers as trainers
+    nothing else, and its tau asks and scores exactly as the accuracy matrix does. A random tiny model cannot
+    improve tau, so every selected dream is kept (threshold below any reward, a `dream_args` field) to make the
+    update non-zero."""
+    import sleep_trl.sleep.cycle as cycle
 
     seen = {}
 
-    class KeepEverySelectedDream(trainers.DreamConfig):
-        def __post_init__(self):
-            self.improvement_threshold = -1.0
-            super().__post_init__()
-            seen["config"] = self
+    class SpyDreamTrainer(cycle.DreamTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen["args"], seen["tau"] = self.args, self.tau
 
-    monkeypatch.setattr(trainers, "DreamConfig", KeepEverySelectedDream)
+    monkeypatch.setattr(cycle, "DreamTrainer", SpyDreamTrainer)
     out = tmp_path / "dream"
-    report = run_cycle(tiny_config(out, "--dream", "true", "--dream_steps", "1", "--num_dreams", "2",
-                                   "--dream_keep", "1", "--dream_max_completion_length", "12",
-                                   "--dream_inner_steps", "1"))
+    config = tiny_config(out, "--dream", "true", "--dream_args.max_steps", "1", "--dream_args.num_dreams", "2",
+                         "--dream_args.num_selected_dreams", "1", "--dream_args.max_completion_length", "12",
+                         "--dream_args.inner_steps", "1", "--dream_args.improvement_threshold", "-1")
+    report = run_cycle(config)
     assert [(p["session"], p["phase"]) for p in report["phases"]] == [
         (-1, "base"), (0, "wake"), (0, "consolidate"), (0, "dream"), (0, "eval"),
         (1, "wake"), (1, "consolidate"), (1, "dream"), (1, "eval")]
     dream = [p for p in report["phases"] if p["phase"] == "dream"]
     assert all({"tau_before", "tau_after", "reward_rate"} <= set(p["metrics"]) for p in dream)
-    args = seen["config"]
-    assert (args.num_generations, args.num_selected_dreams, args.tau, args.tau_metric) == (2, 1, "qa", "contains")
+    args = seen["args"]
+    assert (args.num_generations, args.num_selected_dreams, args.improvement_threshold) == (2, 1, -1.0)
+    assert args.per_device_train_batch_size == 2  # one context per round: its dreams form the group
     assert args.random_expert_sampling  # the tiny recipe routes its slow level
+    qa = seen["tau"].qa  # the cycle's own closed-book QA, with the evaluation's settings
+    assert (qa.metric, qa.max_new_tokens, qa.batch_size) == (config.eval_metric, config.eval_max_new_tokens,
+                                                              config.eval_batch_size)
     for k in range(2):
         slept = memory_tensors(out / f"checkpoints/s{k}-consolidate")
         dreamt = memory_tensors(out / f"checkpoints/s{k}-dream")
@@ -204,8 +209,8 @@ def test_a_run_from_before_a_new_field_resumes_when_the_field_keeps_its_default(
     shutil.copytree(out, old)
     ledger = old / "cycle_state.json"
     data = json.loads(ledger.read_text())
-    del data["fingerprint"]["dream_random"]  # as written by a version without that field
+    del data["fingerprint"]["dream_args.num_random_dreams"]  # as written by a version without that field
     ledger.write_text(json.dumps(data))
     assert run_cycle(tiny_config(old))["accuracy_matrix"]["R"] == report["accuracy_matrix"]["R"]
-    with pytest.raises(LedgerMismatchError, match="dream_random"):
-        run_cycle(tiny_config(old, "--dream_random", "1"))
+    with pytest.raises(LedgerMismatchError, match="dream_args.num_random_dreams"):
+        run_cycle(tiny_config(old, "--dream_args.num_random_dreams", "1"))

@@ -5,6 +5,8 @@ teacher view), and training runs.
 Runs in the vLLM virtualenv: `bash scripts/setup_vllm.sh && .venv-vllm/bin/python -m pytest -m vllm tests/`.
 """
 
+import random
+
 import pytest
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -48,6 +50,10 @@ def greedy(model, prompt_ids, max_new_tokens, eos):
     return out
 
 
+def teacher_samples(trainer, ids, replay=None):
+    return trainer.teachers.sample(ids, replay or [False] * len(ids), random.Random(0))
+
+
 def batch_prompt_ids(trainer, n=4):
     return trainer._tokenize_prompts([prompts()[i]["prompt"] for i in range(n)])[0]
 
@@ -59,8 +65,8 @@ def test_separate_teacher_is_sampled_by_its_own_engine(tmp_path, student_dir, te
     )
     assert trainer.use_vllm and trainer.vllm_generation is not None
     ids = batch_prompt_ids(trainer)
-    samples = trainer._teacher_generate(ids)
-    assert 0 in trainer._teacher_engines  # sampled by the teacher's own engine, not by transformers
+    samples = teacher_samples(trainer, ids)
+    assert 0 in trainer.teachers._engines  # sampled by the teacher's own engine, not by transformers
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
     assert samples == greedy(teacher, ids, 8, tiny_tokenizer.eos_token_id)
     trainer.train()
@@ -78,13 +84,13 @@ def test_peft_teacher_view_is_swapped_into_the_student_engine(tmp_path, student_
     ids = batch_prompt_ids(trainer)
     eos = tiny_tokenizer.eos_token_id
     base = AutoModelForCausalLM.from_pretrained(student_dir)
-    assert trainer._teacher_generate(ids) == greedy(base, ids, 8, eos)
+    assert teacher_samples(trainer, ids) == greedy(base, ids, 8, eos)
     # the student's own rollouts come back from the same engine with the adapter merged
     trainer.vllm_generation.sync_weights()
-    student = trainer.vllm_generation.generate_token_ids(ids, **trainer._vllm_sampling())
+    student = trainer.vllm_generation.generate_token_ids(ids, **trainer.teachers.vllm_sampling())
     with torch.no_grad():
         assert student == greedy(trainer.model, ids, 8, eos)
-    assert student != trainer._teacher_generate(ids)
+    assert student != teacher_samples(trainer, ids)
     trainer.train()
 
 
@@ -112,14 +118,13 @@ def test_memory_teacher_view_and_student_through_the_dense_engine(tmp_path, tiny
         awake = greedy(model, ids, 8, eos)
     asleep = greedy(model, ids, 8, eos)
     assert awake != asleep
-    assert trainer._teacher_generate(ids) == awake
+    assert teacher_samples(trainer, ids) == awake
     # replayed rows are written by the long-term memory before this sleep (fast level silent), swapped in the same way
     with mem.teacher_view(suspend=["fast"]):
         long_term = greedy(model, ids, 8, eos)
     assert long_term != awake
-    trainer._batch_replay = [False] + [True] * (len(ids) - 1)
-    assert trainer._teacher_generate(ids) == [awake[0]] + long_term[1:]
-    trainer._batch_replay = []
+    replay = [False] + [True] * (len(ids) - 1)
+    assert teacher_samples(trainer, ids, replay) == [awake[0]] + long_term[1:]
     trainer.vllm_generation.sync_weights()
-    assert trainer.vllm_generation.generate_token_ids(ids, **trainer._vllm_sampling()) == asleep
+    assert trainer.vllm_generation.generate_token_ids(ids, **trainer.teachers.vllm_sampling()) == asleep
     trainer.train()

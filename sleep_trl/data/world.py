@@ -18,7 +18,6 @@ Usage::
     session = world.sessions[0]
     session.documents      # Dataset: text, entity, session
     session.train_sft      # Dataset: prompt / completion as chat messages (TRL conversational prompt-completion)
-    session.train_sft_text # Dataset: prompt / completion as plain text ("Question: ...\\nAnswer:", " value")
     session.eval_qa        # Dataset: question, answer, fact_id, session, entity, attribute
     session.dream_tasks    # Dataset: context (a document), questions, answers, entity, session
     World.from_json(world.to_json()) == world
@@ -314,12 +313,6 @@ class Session:
         return self._qa_rows(
             lambda q: [{"role": "user", "content": q}], lambda v: [{"role": "assistant", "content": v}]
         )
-
-    @cached_property
-    def train_sft_text(self):
-        """The same pairs as plain text (for models without a chat template): `prompt` = "Question: ...\nAnswer:",
-        `completion` = " value"."""
-        return self._qa_rows(lambda q: f"Question: {q}\nAnswer:", lambda v: f" {v}")
 
     @cached_property
     def eval_qa(self):

@@ -3,8 +3,8 @@
 The trainer that ties them together is `sleep_trl.trainers.dream_trainer.DreamTrainer` (config: `DreamConfig`).
 """
 
-from .experts import find_continuum_memory, random_expert_sampling
-from .inner_loop import DreamEvaluation, IsolatedAdapter, compute_reward, evaluate_dreams, train_adapter
+from .experts import random_expert_sampling
+from .inner_loop import DreamEvaluation, InnerLoopConfig, IsolatedAdapter, compute_reward, evaluate_dreams, train_adapter
 from .passages import DEMO_PASSAGES, demo_tasks
 from .selection import dream_importance, resolve_importance_parameters, select_dreams
 from .tau import GenerativeTau, HeldOutDemoAccuracy, NoContextQA, Tau, build_tau
@@ -16,6 +16,7 @@ __all__ = [
     "DreamEvaluation",
     "GenerativeTau",
     "HeldOutDemoAccuracy",
+    "InnerLoopConfig",
     "IsolatedAdapter",
     "NoContextQA",
     "Tau",
@@ -25,7 +26,6 @@ __all__ = [
     "demo_tasks",
     "dream_importance",
     "evaluate_dreams",
-    "find_continuum_memory",
     "random_expert_sampling",
     "resolve_importance_parameters",
     "select_dreams",

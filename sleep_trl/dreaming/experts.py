@@ -2,23 +2,13 @@
 
 When the model carries a continuum memory (low-rank expert banks on its MLP layers, `sleep_trl.memory`), each
 router additionally picks one random expert while dreams are sampled, mixing unrelated knowledge into the dream.
-The memory package exposes `find_memory(model) -> ContinuumMemory | None` and `memory.random_experts(seed=None)` (a
-context manager); it is imported lazily so that dreaming works on models without a memory, and before that package
-is installed.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 
-
-def find_continuum_memory(model):
-    """The continuum memory attached to `model`, or None (also None when `sleep_trl.memory` is not available)."""
-    try:
-        from ..memory import find_memory
-    except ImportError:
-        return None
-    return find_memory(model)
+from ..memory import find_memory
 
 
 @contextmanager
@@ -27,7 +17,7 @@ def random_expert_sampling(model, enabled: bool, seed: int | None = None):
     if not enabled:
         yield None
         return
-    memory = find_continuum_memory(model)
+    memory = find_memory(model)
     if memory is None:
         raise ValueError(
             "random_expert_sampling=True needs a model that carries a continuum memory (sleep_trl.memory), but none "

@@ -21,10 +21,49 @@ from dataclasses import dataclass
 from typing import Self
 
 import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 
-from .sft_data import batches, encode_example, pad_token_id, token_nll_sum
+from ..generation.hf import pad_token_id
+from .sft_data import batches, encode_example, token_nll_sum
 
 INNER_ADAPTER_NAME = "sleep_dream_inner"
+REWARD_TYPES = ("binary", "improvement")
+
+
+@dataclass(frozen=True)
+class InnerLoopConfig:
+    """The isolated inner loop behind one dream's reward: the LoRA's shape, its optimiser, the reward rule.
+
+    `DreamConfig.inner_loop()` builds it from the `inner_*` fields of a recipe; every function of this module takes
+    it as one argument.
+
+    Args:
+        r, lora_alpha, lora_dropout: the inner LoRA's shape.
+        target_modules: module names (PEFT matching: exact names or name suffixes); `None` = every linear layer of
+            the blocks (`default_target_modules`).
+        steps, learning_rate, batch_size, weight_decay: AdamW steps of SFT on the dream's sequences.
+        max_length: truncation length of one training sequence.
+        reward_type, threshold: see `compute_reward`.
+        seed: seeds the adapter's initial values (the global RNG is left as it was).
+    """
+
+    r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] | str | None = None
+    steps: int = 10
+    learning_rate: float = 1e-3
+    batch_size: int = 8
+    weight_decay: float = 0.0
+    max_length: int = 512
+    reward_type: str = "binary"
+    threshold: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.reward_type not in REWARD_TYPES:
+            raise ValueError(f"reward_type={self.reward_type!r} is not supported: use one of {REWARD_TYPES}.")
 
 
 def _hf_model(model):
@@ -37,8 +76,6 @@ def default_target_modules(model) -> list[str]:
     """Full names of every linear layer inside the model's blocks (what `all-linear` means in PEFT), resolved by hand
     so that layers already wrapped by the policy's own LoRA are named by their wrapper, never by their `base_layer`
     or `lora_A/B` internals, and the output head is left out."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     hf = _hf_model(model)
     head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
     names = []
@@ -61,31 +98,18 @@ class IsolatedAdapter:
 
     Args:
         model: the policy (plain transformers model or PeftModel). Pass the unwrapped module, not a DDP wrapper.
-        r, lora_alpha, lora_dropout: the inner LoRA's shape.
-        target_modules: module names (PEFT matching: exact names or name suffixes); `None` = every linear layer of
-            the blocks (`default_target_modules`).
-        seed: seeds the adapter's initial values (the global RNG is left as it was).
+        config: the `InnerLoopConfig` (its `r`, `lora_alpha`, `lora_dropout`, `target_modules`, `seed` shape the
+            adapter).
         adapter_name: the adapter's name; it must not clash with the policy's adapters.
 
     Inside the block: `parameters` are the only tensors with `requires_grad=True`, the model is in eval mode (no
     dropout, so a dream's reward is deterministic), and `reset()` puts the adapter back to its initial values.
     """
 
-    def __init__(
-        self,
-        model,
-        r: int = 16,
-        lora_alpha: int = 32,
-        lora_dropout: float = 0.0,
-        target_modules: Sequence[str] | str | None = None,
-        seed: int = 0,
-        adapter_name: str = INNER_ADAPTER_NAME,
-    ):
+    def __init__(self, model, config: InnerLoopConfig | None = None, adapter_name: str = INNER_ADAPTER_NAME):
         self.model = model
         self.hf_model = _hf_model(model)
-        self.r, self.lora_alpha, self.lora_dropout = r, lora_alpha, lora_dropout
-        self.target_modules = target_modules
-        self.seed = seed
+        self.config = config or InnerLoopConfig()
         self.adapter_name = adapter_name
         self.parameters: list[torch.nn.Parameter] = []
         self._initial: list[torch.Tensor] = []
@@ -93,9 +117,6 @@ class IsolatedAdapter:
 
     # ---- enter -------------------------------------------------------------------------------------------------
     def __enter__(self) -> Self:
-        from peft import LoraConfig, inject_adapter_in_model
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
         if self._active:
             raise RuntimeError("IsolatedAdapter is not re-entrant.")
         hf = self.hf_model
@@ -123,18 +144,21 @@ class IsolatedAdapter:
         # PEFT's tuner finds an existing `peft_config` dict through the model and adds the new adapter to it in place.
         self._peft_config_keys = list(self._peft_config) if isinstance(self._peft_config, dict) else None
 
-        targets = self.target_modules
+        cfg = self.config
+        targets = cfg.target_modules
         if targets is None:
             targets = default_target_modules(self.model)
+        elif not isinstance(targets, str):
+            targets = list(targets)
         config = LoraConfig(
-            r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, target_modules=targets, bias="none"
+            r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, bias="none"
         )
         self._active = True
         try:
             with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
                 # Expected when the policy is a PeftModel: the inner adapter joins its adapters until exit.
                 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-                torch.manual_seed(self.seed)
+                torch.manual_seed(cfg.seed)
                 inject_adapter_in_model(config, hf, adapter_name=self.adapter_name)
             layers = [
                 m
@@ -150,7 +174,7 @@ class IsolatedAdapter:
                 p for layer in layers for n, p in layer.named_parameters() if f".{self.adapter_name}." in f".{n}."
             ]
             if not self.parameters:
-                raise ValueError(f"The inner LoRA matched no module (target_modules={self.target_modules!r}).")
+                raise ValueError(f"The inner LoRA matched no module (target_modules={cfg.target_modules!r}).")
             for p, _ in self._flags:
                 p.requires_grad_(False)
             for p in self.parameters:
@@ -174,8 +198,6 @@ class IsolatedAdapter:
         self._restore()
 
     def _restore(self) -> None:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
         if not self._active:
             return
         hf = self.hf_model
@@ -238,28 +260,19 @@ def compute_reward(tau_before: float, tau_after: float, reward_type: str = "bina
     raise ValueError(f"reward_type={reward_type!r} is not supported: use 'binary' or 'improvement'.")
 
 
-def train_adapter(
-    model,
-    tokenizer,
-    adapter: IsolatedAdapter,
-    sequences: Sequence[str],
-    steps: int,
-    learning_rate: float,
-    batch_size: int = 8,
-    weight_decay: float = 0.0,
-    max_length: int = 512,
-) -> int:
-    """`steps` AdamW steps of SFT on the dream's sequences (batches taken in order, cycling); returns the number of
-    training tokens. Only `adapter.parameters` change."""
-    encoded = [encode_example(tokenizer, "", s, max_length) for s in sequences]
+def train_adapter(model, tokenizer, adapter: IsolatedAdapter, sequences: Sequence[str]) -> int:
+    """`adapter.config.steps` AdamW steps of SFT on the dream's sequences (batches taken in order, cycling); returns
+    the number of training tokens. Only `adapter.parameters` change."""
+    cfg = adapter.config
+    encoded = [encode_example(tokenizer, "", s, cfg.max_length) for s in sequences]
     encoded = [e for e in encoded if len(e[0]) > 1]
-    if not encoded or steps <= 0:
+    if not encoded or cfg.steps <= 0:
         return sum(len(ids) - 1 for ids, _ in encoded)
     device = adapter.parameters[0].device
-    data = batches(encoded, batch_size, pad_token_id(tokenizer), device)
-    optimizer = torch.optim.AdamW(adapter.parameters, lr=learning_rate, weight_decay=weight_decay)
+    data = batches(encoded, cfg.batch_size, pad_token_id(tokenizer), device)
+    optimizer = torch.optim.AdamW(adapter.parameters, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     with torch.enable_grad():
-        for step in range(steps):
+        for step in range(cfg.steps):
             nll, count = token_nll_sum(model, data[step % len(data)])
             (nll / max(count, 1)).backward()
             optimizer.step()
@@ -274,19 +287,7 @@ def evaluate_dreams(
     tasks: Sequence[Mapping],
     dreams: Sequence[Sequence[str]],
     tau_before: Sequence[float],
-    *,
-    r: int = 16,
-    lora_alpha: int = 32,
-    lora_dropout: float = 0.0,
-    target_modules: Sequence[str] | str | None = None,
-    steps: int = 10,
-    learning_rate: float = 1e-3,
-    batch_size: int = 8,
-    weight_decay: float = 0.0,
-    max_length: int = 512,
-    reward_type: str = "binary",
-    threshold: float = 0.0,
-    seed: int = 0,
+    config: InnerLoopConfig | None = None,
 ) -> list[DreamEvaluation]:
     """Reward of each dream: train a fresh isolated adapter on it, evaluate tau on its task, compare with `tau_before`.
 
@@ -297,29 +298,24 @@ def evaluate_dreams(
     """
     if not (len(tasks) == len(dreams) == len(tau_before)):
         raise ValueError("evaluate_dreams needs one task and one tau_before per dream.")
+    config = config or InnerLoopConfig()
     results: list[DreamEvaluation] = []
     if not dreams:
         return results
-    with IsolatedAdapter(model, r, lora_alpha, lora_dropout, target_modules, seed) as adapter:
+
+    def reward(before, after):
+        return compute_reward(before, after, config.reward_type, config.threshold)
+
+    with IsolatedAdapter(model, config) as adapter:
         for task, sequences, before in zip(tasks, dreams, tau_before, strict=True):
             if not sequences:
-                results.append(
-                    DreamEvaluation(
-                        compute_reward(before, before, reward_type, threshold), before, before, 0.0, 0.0, 0
-                    )
-                )
+                results.append(DreamEvaluation(reward(before, before), before, before, 0.0, 0.0, 0))
                 continue
             adapter.reset()
             t0 = time.perf_counter()
-            tokens = train_adapter(
-                model, tokenizer, adapter, sequences, steps, learning_rate, batch_size, weight_decay, max_length
-            )
+            tokens = train_adapter(model, tokenizer, adapter, sequences)
             t1 = time.perf_counter()
             after = float(tau(model, tokenizer, task))
             t2 = time.perf_counter()
-            results.append(
-                DreamEvaluation(
-                    compute_reward(before, after, reward_type, threshold), before, after, t1 - t0, t2 - t1, tokens
-                )
-            )
+            results.append(DreamEvaluation(reward(before, after), before, after, t1 - t0, t2 - t1, tokens))
     return results

@@ -30,7 +30,8 @@ from contextlib import contextmanager
 
 import torch
 
-from .sft_data import batches, encode_example, eval_mode, pad_token_id, token_nll_sum
+from ..generation.hf import pad_token_id
+from .sft_data import batches, encode_example, eval_mode, token_nll_sum
 
 IMPORTANCE_SCORES = ("alignment", "dot", "grad_norm")
 IMPORTANCE_TARGETS = ("tau_data", "context")

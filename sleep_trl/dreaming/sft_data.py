@@ -59,14 +59,6 @@ def collate(examples: Sequence[tuple[list, list]], pad_token_id: int) -> dict[st
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def pad_token_id(tokenizer) -> int:
-    if tokenizer.pad_token_id is not None:
-        return tokenizer.pad_token_id
-    if tokenizer.eos_token_id is not None:
-        return tokenizer.eos_token_id
-    raise ValueError("The tokenizer has neither a pad token nor an EOS token: set `tokenizer.pad_token`.")
-
-
 def batches(examples: Sequence[tuple[list, list]], batch_size: int, pad_id: int, device) -> list[dict]:
     """Consecutive batches of at most `batch_size` examples, on `device`."""
     out = []

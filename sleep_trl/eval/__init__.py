@@ -1,7 +1,6 @@
-"""Continual-learning evaluation: closed-book QA harness, accuracy matrix, metrics (BWT, forgetting), plots."""
+"""Continual-learning evaluation: closed-book QA (the one path tau uses too), accuracy matrix, metrics, plots."""
 
 from .accuracy_matrix import AccuracyMatrix
-from .harness import METRICS, QAEvalResult, build_prompts, evaluate_qa, generate_greedy, score_predictions
 from .metrics import (
     average_accuracy,
     average_accuracy_per_session,
@@ -12,22 +11,22 @@ from .metrics import (
     summarize,
 )
 from .plots import accuracy_matrix_figure, save_accuracy_matrix_plot
+from .qa import PLAIN_QA_TEMPLATE, ClosedBookQA, QAEvalResult, evaluate_qa, plain_qa_text
 
 __all__ = [
-    "METRICS",
+    "PLAIN_QA_TEMPLATE",
     "AccuracyMatrix",
+    "ClosedBookQA",
     "QAEvalResult",
     "accuracy_matrix_figure",
     "average_accuracy",
     "average_accuracy_per_session",
     "backward_transfer",
-    "build_prompts",
     "evaluate_qa",
     "forgetting",
     "forward_transfer",
-    "generate_greedy",
     "new_knowledge_accuracy",
+    "plain_qa_text",
     "save_accuracy_matrix_plot",
-    "score_predictions",
     "summarize",
 ]

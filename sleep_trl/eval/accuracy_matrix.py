@@ -13,8 +13,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ..io import atomic_write_text
 from . import metrics
-from .harness import QAEvalResult, evaluate_qa
+from .qa import ClosedBookQA, QAEvalResult
 
 FORMAT = "sleep_trl.accuracy_matrix/1"
 
@@ -102,19 +107,16 @@ class AccuracyMatrix:
         tokenizer,
         session_rows: Sequence,
         sessions: Sequence[int] | None = None,
-        **eval_kwargs,
+        qa: ClosedBookQA | None = None,
     ) -> list[float]:
-        """Fill row `after` by `evaluate_qa` on each session's rows (`session_rows[j]`, e.g.
-        `world.sessions[j].eval_qa`).
-
-        `eval_kwargs` go to `evaluate_qa` (`batch_size`, `max_new_tokens`, ...); the metric is this matrix's.
-        """
+        """Fill row `after` by asking each session's rows (`session_rows[j]`, e.g. `world.sessions[j].eval_qa`)
+        through `qa` (default: `ClosedBookQA` with this matrix's metric); its metric must be this matrix's."""
         if len(session_rows) != self.num_sessions:
             raise ValueError(f"session_rows holds {len(session_rows)} sessions; the matrix has {self.num_sessions}.")
-        eval_kwargs.setdefault("metric", self.metric)
-        if eval_kwargs["metric"] != self.metric:
-            raise ValueError(f"metric={eval_kwargs['metric']!r} differs from this matrix's metric {self.metric!r}.")
-        return self.fill_row(after, lambda j: evaluate_qa(model, tokenizer, session_rows[j], **eval_kwargs), sessions)
+        qa = qa or ClosedBookQA(metric=self.metric)
+        if qa.metric != self.metric:
+            raise ValueError(f"metric={qa.metric!r} differs from this matrix's metric {self.metric!r}.")
+        return self.fill_row(after, lambda j: qa.evaluate(model, tokenizer, session_rows[j]), sessions)
 
     # -- reading -----------------------------------------------------------------------------------------------------
 
@@ -183,11 +185,7 @@ class AccuracyMatrix:
         path = Path(path)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it, or choose another path.")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)  # atomic: a run killed mid-write never leaves half a file
-        return path
+        return atomic_write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> AccuracyMatrix:
@@ -198,9 +196,6 @@ class AccuracyMatrix:
     def table(self, title: str | None = "Accuracy matrix R[i][j]", caption: bool = True):
         """A `rich.table.Table`: one row per training step (and the base row), one column per session, the average
         over sessions seen so far, and (with `caption`) the summary metrics. Zero-shot cells (j > i) are dimmed."""
-        from rich.markup import escape
-        from rich.table import Table
-
         summary = self.summary()
         table = Table(
             title=None if title is None else escape(title),
@@ -229,8 +224,6 @@ class AccuracyMatrix:
     def print(self, console=None, title: str | None = "Accuracy matrix R[i][j]") -> None:
         """Print the table and, below it on one line, the summary metrics to `console` (a new rich `Console` by
         default)."""
-        from rich.console import Console
-
         console = console or Console()
         console.print(self.table(title=title, caption=False))
         console.print(self.summary_line())

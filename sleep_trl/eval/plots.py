@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..io import atomic_write
 from .accuracy_matrix import AccuracyMatrix
 
 
@@ -66,6 +67,5 @@ def save_accuracy_matrix_plot(
         raise ValueError(f"{path}: the accuracy matrix plot is a PNG; give a path ending in .png.")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it, or choose another path.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    accuracy_matrix_figure(matrix, title=title).savefig(path)
-    return path
+    figure = accuracy_matrix_figure(matrix, title=title)
+    return atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))

@@ -9,17 +9,19 @@
     mem.reset("fast")                                # synaptic pruning of the fast level
     with mem.random_experts(seed=0): model.generate(...)   # dreaming
     mem.due_levels(global_step)                      # which level boundaries (sleeps) are due
-    model.save_pretrained(d); load_memory(model2, d) # memory.safetensors + memory_config.json beside the model
+    mem.save_pretrained(d); load_memory(model2, d)   # host checkpoint + memory.safetensors + memory_config.json
     mem.export_dense(out)                            # plain checkpoint, fixed-gate levels folded in
 
-See `memory.py` for the lifecycle of a slot, `experts.py` for the expert form, `growth.py` for width/depth growth.
+See `memory.py` for the lifecycle of a slot, `experts.py` for the expert form, `host.py` for what is read off the
+host model, `persistence.py`/`export.py` for saving and dense export, `growth.py` for width/depth growth.
 """
 
 from .config import LevelConfig, MemoryConfig
 from .experts import ExpertBank, MemoryBlock
 from .growth import grow_depth, grow_width
-from .memory import ContinuumMemory, attach_memory, detach_memory, find_memory
-from .persistence import MEMORY_CONFIG_NAME, MEMORY_WEIGHTS_NAME, has_memory, load_memory, read_memory_config
+from .host import find_decoder_layers
+from .memory import ContinuumMemory, attach_memory, detach_memory, find_memory, load_memory
+from .persistence import MEMORY_CONFIG_NAME, MEMORY_WEIGHTS_NAME, has_memory, read_memory_config
 from .schedule import LevelSchedule
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "MemoryConfig",
     "attach_memory",
     "detach_memory",
+    "find_decoder_layers",
     "find_memory",
     "grow_depth",
     "grow_width",

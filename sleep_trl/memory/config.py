@@ -11,6 +11,8 @@ from torch import nn
 
 GATES = ("auto", "fixed", "sigmoid")
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Fields of earlier versions that saved memories may still carry; they no longer mean anything and are dropped.
+_RETIRED_FIELDS = {"save_with_model"}
 _RESERVED = {"banks", "level_names", "layer", "hook", "memory"}  # attributes of MemoryBlock
 
 
@@ -115,11 +117,6 @@ class MemoryConfig:
     """Seed of the expert initialisation. Every slot's `A` is drawn from a generator seeded by (seed, layer, level,
     slot), so `reset` restores exactly the initial weights and every process of a distributed run agrees."""
 
-    save_with_model: bool = True
-    """When True, `model.save_pretrained(dir)` (and so `Trainer.save_model` and trainer checkpoints) also writes
-    `memory.safetensors` and `memory_config.json` into `dir`. The model's own weight files never contain the memory,
-    so `from_pretrained` loads the unchanged host model; `load_memory(model, dir)` adds the memory back."""
-
     def __post_init__(self):
         if isinstance(self.levels, (LevelConfig, dict)):
             self.levels = [self.levels]
@@ -186,6 +183,7 @@ class MemoryConfig:
     def from_dict(cls, data: dict[str, Any]) -> MemoryConfig:
         """Build from a dict (e.g. a recipe section); an unknown key is an error naming it."""
         known = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k not in _RETIRED_FIELDS}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"Unknown MemoryConfig field(s) {sorted(unknown)}: known fields are {sorted(known)}.")

@@ -18,13 +18,14 @@ import copy
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedModel
+from transformers.initialization import no_init_weights
 
 from ._zero import gathered
+from .host import detect_mlp_form, find_decoder_layers
 
 
 def _check_exportable(mem):
-    from transformers import PreTrainedModel
-
     if not isinstance(mem.model, PreTrainedModel):
         raise ValueError(
             f"Dense export needs the memory attached to a transformers PreTrainedModel, not {type(mem.model).__name__}"
@@ -39,9 +40,7 @@ def _check_exportable(mem):
                 f"to export, or export without this level (mem.suspend({lv.name!r}))."
             )
     if next(iter(mem.blocks.values())).banks[mem.levels[0]].gated is False:
-        _, layers = _layers(mem)
-        from .experts import detect_mlp_form
-
+        _, layers = find_decoder_layers(mem.model)
         if detect_mlp_form(layers[mem.layers[0]].mlp).conv1d:
             raise ValueError("Dense export of GPT-2 style Conv1D MLPs is not supported.")
     if not isinstance(getattr(mem.model.config, "intermediate_size", None), int):
@@ -49,12 +48,6 @@ def _check_exportable(mem):
             f"{type(mem.model.config).__name__} has no int `intermediate_size`: dense export widens that field, so "
             "it supports Llama/Qwen/Mistral/Gemma/Phi/GPT-NeoX style configs."
         )
-
-
-def _layers(mem):
-    from .memory import find_decoder_layers
-
-    return find_decoder_layers(mem.model)
 
 
 def _fixed_levels(mem):
@@ -81,15 +74,13 @@ def dense_config(mem):
 
 @torch.no_grad()
 def dense_state_dict(mem) -> dict[str, torch.Tensor]:
-    from .experts import detect_mlp_form
-
     _check_exportable(mem)
     model = mem.model
     memory_names = set(mem.names(mem.parameters()))
     all_params = [p for n, p in model.named_parameters() if n not in memory_names]
     with gathered(all_params):
         state = {k: v.detach().clone() for k, v in model.state_dict().items() if k not in memory_names}
-    prefix, layers = _layers(mem)
+    prefix, layers = find_decoder_layers(mem.model)
     fixed = _fixed_levels(mem)
     extra = extra_neurons(mem)
     if extra == 0:
@@ -133,8 +124,6 @@ def dense_state_dict(mem) -> dict[str, torch.Tensor]:
 
 def dense_model(mem):
     """Instantiate the host class with the widened config and load the folded state dict into it."""
-    from transformers.initialization import no_init_weights
-
     config = dense_config(mem)
     state = dense_state_dict(mem)
     cls = type(mem.model)

@@ -29,15 +29,16 @@ import copy
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
+from transformers.initialization import no_init_weights
+
+from .host import find_decoder_layers
+from .memory import find_memory
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
 
 def _check_model(model: nn.Module, what: str):
-    from transformers import PreTrainedModel
-
-    from .memory import find_memory
-
     if not isinstance(model, PreTrainedModel):
         raise ValueError(f"{what}: give a transformers PreTrainedModel, not {type(model).__name__} "
                          "(for a PEFT model, merge_and_unload() first).")
@@ -61,8 +62,6 @@ def _clean_config(model):
 
 
 def _build(model, config, state: dict[str, torch.Tensor]):
-    from transformers.initialization import no_init_weights
-
     with no_init_weights():
         grown = type(model)(config)
     missing, unexpected = grown.load_state_dict(state, strict=False, assign=True)
@@ -147,8 +146,6 @@ def grow_width(model: nn.Module, factor: int = 2, noise_std: float = 0.01, seed:
 
 
 def _decoder_prefix(model) -> str:
-    from .memory import find_decoder_layers
-
     prefix, _ = find_decoder_layers(model)
     return prefix.rsplit(".", 1)[0] if "." in prefix else ""
 
@@ -190,7 +187,7 @@ def grow_depth(model: nn.Module, num_new_layers: int | None = None, positions: l
     layer_types = getattr(config, "layer_types", None)
     if isinstance(layer_types, list) and len(layer_types) == num_layers:
         config.layer_types = [layer_types[i] for i, _ in order]
-    prefix, _ = _layers_prefix(model)
+    prefix, _ = find_decoder_layers(model)
     old = model.state_dict()
     state = {k: v for k, v in old.items() if not k.startswith(prefix + ".")}
     for new_i, (src, is_new) in enumerate(order):
@@ -204,9 +201,3 @@ def grow_depth(model: nn.Module, num_new_layers: int | None = None, positions: l
                 w.zero_()
             state[dst_prefix + rest] = w
     return _build(model, config, state)
-
-
-def _layers_prefix(model):
-    from .memory import find_decoder_layers
-
-    return find_decoder_layers(model)

@@ -3,8 +3,9 @@
 `attach_memory(model, config)` adds, to the MLP of each chosen decoder layer, one `ExpertBank` per level (as a
 child module `mlp.memory`, so its parameters appear in `model.named_parameters()`, are seen by optimizers and by
 DeepSpeed) and a forward hook that adds the memory's output to the MLP's output. Nothing of the host model is
-copied or replaced; `model.save_pretrained` still writes a plain host checkpoint (the memory goes to
-`memory.safetensors` + `memory_config.json` beside it).
+copied or replaced, and nothing on the model instance is patched: `mem.save_pretrained(dir)` writes a plain host
+checkpoint plus `memory.safetensors` + `memory_config.json` beside it, `mem.save(dir)` the memory alone, and
+`MemoryCheckpointCallback` (sleep_trl.sleep) adds the memory files to a Trainer's checkpoints.
 
 Lifecycle of a level's slots (all attached layers move together):
 
@@ -19,19 +20,20 @@ before the newest `expand` (that slot masked, suspensions made since undone), wi
 from __future__ import annotations
 
 import contextlib
-import inspect
-import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from . import export, persistence
+from ._zero import gathered
 from .config import MemoryConfig
-from .experts import ExpertBank, MemoryBlock, MemoryState, detect_mlp_form
+from .experts import ExpertBank, MemoryBlock, MemoryState
+from .host import detect_mlp_form, find_decoder_layers, text_config
+from .persistence import MEMORY_CONFIG_NAME, MEMORY_WEIGHTS_NAME, read_memory_meta
 from .schedule import LevelSchedule
-
-logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -45,30 +47,6 @@ class ExpandRecord:
     unlocked_before: dict[str, int]
     suspended_before: list[str] = field(default_factory=list)
     viewable: bool = True  # False once a `reset` has changed weights the pre-expand model depended on
-
-
-def _text_config(model: nn.Module):
-    config = getattr(model, "config", None)
-    if config is None:
-        raise ValueError(f"{type(model).__name__} has no `config`: attach the memory to a Hugging Face model.")
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's list of decoder layers (the `nn.ModuleList` whose blocks each have an `mlp`) and its name."""
-    num_layers = getattr(_text_config(model), "num_hidden_layers", None)
-    candidates = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and all(hasattr(b, "mlp") for b in module)
-    ]
-    exact = [c for c in candidates if len(c[1]) == num_layers]
-    if exact or candidates:
-        return (exact or candidates)[0]
-    raise ValueError(
-        f"Cannot find the decoder layers of {type(model).__name__}: expected an nn.ModuleList of blocks that each "
-        "have an `mlp` module (as in Llama, Qwen2/3, Mistral, Gemma, Phi, GPT-NeoX, GPT-2)."
-    )
 
 
 class ContinuumMemory:
@@ -92,7 +70,6 @@ class ContinuumMemory:
         self.schedule = LevelSchedule(config.levels)
         self._in_view = False
         self._hook_ids: dict[int, int] = {}
-        self._ignored_on_save: set[str] = set()
 
     # ------------------------------------------------------------------ introspection
     @property
@@ -326,47 +303,55 @@ class ContinuumMemory:
     # ------------------------------------------------------------------ persistence and export
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every memory tensor (CPU copies, gathered under ZeRO-3), keyed `"{layer}.{level}.{param}"`."""
-        from .persistence import memory_state_dict
-
-        return memory_state_dict(self)
+        return persistence.memory_state_dict(self)
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         """Load tensors saved by `state_dict` (shapes and key set must match exactly)."""
-        from .persistence import load_memory_tensors
-
-        load_memory_tensors(self, tensors)
+        persistence.load_memory_tensors(self, tensors)
 
     def save(self, directory, is_main_process: bool = True) -> None:
         """Write `memory.safetensors` and `memory_config.json` into `directory` (usually beside the model's own
         files). Call it on every process under ZeRO-3 (parameters are gathered); only the main process writes."""
-        from .persistence import save_memory
+        persistence.save_memory(self, directory, is_main_process=is_main_process)
 
-        save_memory(self, directory, is_main_process=is_main_process)
+    def host_state_dict(self) -> dict[str, torch.Tensor]:
+        """The host model's own state dict, without the memory tensors (gathered under ZeRO-3)."""
+        memory_names = set(self.names(self.parameters()))
+        host_params = [p for n, p in self.model.named_parameters() if n not in memory_names]
+        with gathered(host_params):
+            return {k: v.detach().clone() for k, v in self.model.state_dict().items() if k not in memory_names}
+
+    def save_pretrained(self, directory, tokenizer=None, is_main_process: bool = True) -> Path:
+        """Save the model with its memory: the plain host checkpoint (`save_pretrained` of the host, without the
+        memory tensors, so `from_pretrained` of the folder is the unchanged host) plus `memory.safetensors` and
+        `memory_config.json`; the tokenizer too if given. `load_memory(from_pretrained(dir), dir)` gives back
+        identical logits. Call it on every process under ZeRO-3; only the main process writes."""
+        directory = Path(directory)
+        state = self.host_state_dict()
+        tensors = self.state_dict()
+        if is_main_process:
+            self.model.save_pretrained(directory, state_dict=state)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(directory)
+            persistence.save_memory(self, directory, tensors=tensors)
+        return directory
 
     def dense_state_dict(self) -> dict[str, torch.Tensor]:
         """The host state dict with every `"fixed"` level folded in as extra FFN neurons (see `export_dense`)."""
-        from .export import dense_state_dict
-
-        return dense_state_dict(self)
+        return export.dense_state_dict(self)
 
     def dense_config(self):
         """The host config with `intermediate_size` widened by every `"fixed"` level's slots."""
-        from .export import dense_config
-
-        return dense_config(self)
+        return export.dense_config(self)
 
     def dense_model(self):
         """A plain model (host class, widened config) computing exactly what the model with memory computes."""
-        from .export import dense_model
-
-        return dense_model(self)
+        return export.dense_model(self)
 
     def export_dense(self, out_dir, tokenizer=None, overwrite: bool = False):
         """Save `dense_model()` with `save_pretrained` (and the tokenizer if given) into `out_dir`, loadable with
         `AutoModelForCausalLM.from_pretrained` or vLLM. Refuses a non-empty `out_dir` unless `overwrite=True`."""
-        from .export import export_dense
-
-        return export_dense(self, out_dir, tokenizer=tokenizer, overwrite=overwrite)
+        return export.export_dense(self, out_dir, tokenizer=tokenizer, overwrite=overwrite)
 
     def detach(self) -> None:
         """Remove the memory from the model (hooks, modules, save hooks); the host model is as before attach."""
@@ -383,46 +368,6 @@ class ContinuumMemory:
         return f"ContinuumMemory(layers={self.layers}, form={self.form}, " + "; ".join(parts) + ")"
 
 
-class _SavePretrainedWithMemory:
-    """Instance-level `save_pretrained` that also writes the memory files, so `Trainer.save_model` and trainer
-    checkpoints carry the memory. A callable object rather than a closure so that `copy.deepcopy(model)` (e.g. a
-    reference model) gets one bound to the copy."""
-
-    def __init__(self, model: nn.Module, previous):
-        self.model = model
-        self.previous = previous
-
-    def __call__(self, *args, **kwargs):
-        cls_save = type(self.model).save_pretrained
-        bound = inspect.signature(cls_save).bind(self.model, *args, **kwargs)
-        bound.apply_defaults()
-        save_directory = bound.arguments["save_directory"]
-        state_dict = bound.arguments.get("state_dict")
-        is_main = bound.arguments.get("is_main_process", True)
-        mem = find_memory(self.model)
-        memory_tensors = None
-        if mem is not None and state_dict is not None:
-            from .persistence import memory_tensors_from_model_state_dict
-
-            memory_tensors = memory_tensors_from_model_state_dict(mem, state_dict)
-        if self.previous is not None:
-            result = self.previous(*args, **kwargs)
-        else:
-            result = cls_save(self.model, *args, **kwargs)
-        if mem is not None and is_main:
-            from ._zero import is_partitioned
-            from .persistence import save_memory
-
-            if memory_tensors is None and any(is_partitioned(p) for p in mem.parameters()):
-                logger.warning(
-                    "Memory parameters are ZeRO-3 partitioned and save_pretrained got no full state dict: the memory "
-                    "was not written. Call mem.save(dir) on every process."
-                )
-            else:
-                save_memory(mem, save_directory, tensors=memory_tensors, is_main_process=True)
-        return result
-
-
 def attach_memory(model: nn.Module, config: MemoryConfig | None = None) -> ContinuumMemory:
     """Attach a continuum memory to `model` in place and return its handle.
 
@@ -433,8 +378,7 @@ def attach_memory(model: nn.Module, config: MemoryConfig | None = None) -> Conti
     config = config or MemoryConfig()
     if find_memory(model) is not None:
         raise RuntimeError("This model already has a continuum memory: use find_memory(model), or detach_memory.")
-    text_config = _text_config(model)
-    hidden_size = getattr(text_config, "hidden_size", None)
+    hidden_size = getattr(text_config(model), "hidden_size", None)
     if not isinstance(hidden_size, int):
         raise ValueError(f"{type(text_config).__name__} has no int `hidden_size`: cannot size the experts.")
     prefix, layers = find_decoder_layers(model)
@@ -486,13 +430,6 @@ def attach_memory(model: nn.Module, config: MemoryConfig | None = None) -> Conti
         block.__dict__["memory"] = mem
         mem._hook_ids[i] = mlp.register_forward_hook(block.hook, with_kwargs=True).id
     model.__dict__["_continuum_memory"] = mem
-    mem._layers_prefix = prefix
-    # The host checkpoint stays a plain host checkpoint: memory tensors are written by mem.save instead.
-    if hasattr(model, "_keys_to_ignore_on_save"):
-        mem._ignored_on_save = set(mem.names(mem.parameters())) - set(model._keys_to_ignore_on_save or ())
-        model._keys_to_ignore_on_save = set(model._keys_to_ignore_on_save or ()) | mem._ignored_on_save
-    if config.save_with_model and callable(getattr(type(model), "save_pretrained", None)):
-        model.__dict__["save_pretrained"] = _SavePretrainedWithMemory(model, model.__dict__.get("save_pretrained"))
     return mem
 
 
@@ -522,11 +459,43 @@ def detach_memory(model: nn.Module) -> None:
             del mlp._modules["memory"]
         block.__dict__["memory"] = None
     root.__dict__.pop("_continuum_memory", None)
-    save = root.__dict__.get("save_pretrained")
-    if isinstance(save, _SavePretrainedWithMemory):
-        if save.previous is None:
-            del root.__dict__["save_pretrained"]
-        else:
-            root.__dict__["save_pretrained"] = save.previous
-    if mem._ignored_on_save and getattr(root, "_keys_to_ignore_on_save", None):
-        root._keys_to_ignore_on_save = set(root._keys_to_ignore_on_save) - mem._ignored_on_save
+
+
+def load_memory(model: nn.Module, directory):
+    """Attach the memory saved in `directory` to `model` (or load into the one already attached, if its config is
+    the same) and restore tensors and state. Returns the `ContinuumMemory`."""
+    directory = Path(directory)
+    meta = read_memory_meta(directory)
+    weights = directory / MEMORY_WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{str(directory)!r} has {MEMORY_CONFIG_NAME} but no {MEMORY_WEIGHTS_NAME}.")
+    config = MemoryConfig.from_dict(meta["config"])
+    mem = find_memory(model)
+    if mem is None:
+        mem = attach_memory(model, config)
+    elif mem.config.to_dict() != config.to_dict():
+        raise ValueError(
+            "load_memory: the model already has a memory with a different MemoryConfig than the one saved in "
+            f"{str(directory)!r}; detach it first (detach_memory(model))."
+        )
+    bank = next(iter(mem.blocks.values())).banks[mem.levels[0]]
+    if meta["form"] != mem.form or meta["hidden_size"] != bank.hidden_size or meta["layers"] != mem.layers:
+        raise ValueError(
+            f"The memory in {str(directory)!r} was saved for a model with {meta['form']} MLPs, hidden size "
+            f"{meta['hidden_size']} and layers {meta['layers']}; this model gives {mem.form}, {bank.hidden_size} and "
+            f"{mem.layers}. Load it into the model it was saved with."
+        )
+    mem.load_state_dict(persistence.read_memory_tensors(weights))
+    state = meta["state"]
+    for level, k in state["unlocked"].items():
+        if not 0 <= k <= config.level(level).num_slots:
+            raise ValueError(f"{MEMORY_CONFIG_NAME}: level {level!r} has {k} unlocked slots, out of range.")
+    mem.state.unlocked.clear()
+    mem.state.unlocked.update({lv: int(state["unlocked"][lv]) for lv in mem.levels})
+    mem.state.suspended = set(state["suspended"])
+    mem.history = [ExpandRecord(**r) for r in state["history"]]
+    for p in mem.parameters():
+        p.requires_grad_(False)
+    for p in mem.trainable_parameters().values():
+        p.requires_grad_(True)
+    return mem

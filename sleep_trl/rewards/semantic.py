@@ -13,9 +13,9 @@ swapping the entity or the attribute drops below it. 0.8 is our default; calibra
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-SemanticJudgeFn = Callable[[Sequence[str], Sequence[str]], list[float]]
+from ..assets import resolve_model_path
 
 
 class SemanticJudge:
@@ -39,9 +39,7 @@ class SemanticJudge:
     ):
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"semantic threshold must be in [0, 1], got {threshold}.")
-        from sentence_transformers import SentenceTransformer
-
-        from ..assets import resolve_model_path
+        from sentence_transformers import SentenceTransformer  # heavy: loaded only when a judge is made
 
         self.model = SentenceTransformer(resolve_model_path(model_name_or_path), device=device)
         self.model.eval()

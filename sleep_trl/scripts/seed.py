@@ -11,20 +11,21 @@ prompt holds the documents in context), a local json/jsonl/csv/parquet file, a `
 
 from __future__ import annotations
 
-from trl import ModelConfig, ScriptArguments
+from datasets import concatenate_datasets
+from trl import ModelConfig, ScriptArguments, get_peft_config
 
+from ..assets import resolve_model_path
+from ..data.loading import load_named_dataset
+from ..data.world import make_world
+from ..sleep.data import consolidation_prompts
 from ..trainers.generalized_distillation_config import GeneralizedDistillationConfig
+from ..trainers.generalized_distillation_trainer import GeneralizedDistillationTrainer
 
 ARGUMENT_CLASSES = (ScriptArguments, GeneralizedDistillationConfig, ModelConfig)
 
 
 def world_seeding_dataset(seed: int):
     """Every session's training questions of the embedded world; the teacher sees the entity's document first."""
-    from datasets import concatenate_datasets
-
-    from ..data.world import make_world
-    from ..sleep.data import consolidation_prompts
-
     world = make_world(seed=seed)
     parts = [consolidation_prompts(world, k, 0, seed, with_context=True) for k in range(len(world.sessions))]
     return concatenate_datasets(parts).remove_columns("replay")
@@ -33,17 +34,10 @@ def world_seeding_dataset(seed: int):
 def load_train_dataset(script_args: ScriptArguments, seed: int):
     if script_args.dataset_name in (None, "world"):
         return world_seeding_dataset(seed)
-    from .data_loading import load_named_dataset
-
     return load_named_dataset(script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_config)
 
 
 def run(script_args: ScriptArguments, training_args: GeneralizedDistillationConfig, model_args: ModelConfig):
-    from trl import get_peft_config
-
-    from ..assets import resolve_model_path
-    from ..trainers.generalized_distillation_trainer import GeneralizedDistillationTrainer
-
     if model_args.model_name_or_path is None:
         raise ValueError("Set `model_name_or_path` (the student) in the recipe or with --model_name_or_path.")
     init_kwargs = dict(revision=model_args.model_revision, dtype=model_args.dtype,

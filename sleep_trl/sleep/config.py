@@ -1,31 +1,138 @@
-"""Configuration of the Sleep cycle (the `sleep` job): wake, consolidate, dream, evaluate, session after session."""
+"""Configuration of the Sleep cycle (the `sleep` job): the cycle's own fields, and one section per phase trainer.
+
+A recipe sets the cycle's fields at the top level and each phase trainer's fields in its own section, by their own
+names (every field of TRL's `SFTConfig`, of `GeneralizedDistillationConfig` and of `DreamConfig`):
+
+    job: sleep
+    num_sessions: 3
+    wake_args:            {learning_rate: 1.0e-2, num_train_epochs: 8}
+    consolidation_args:   {max_steps: 40, lmbda: 0.5, alpha: 0.5}
+    dream_args:           {num_dreams: 4, num_selected_dreams: 2}
+
+On the command line a section's field is `--consolidation_args.lmbda 0.5`. Each section starts from the cycle's
+defaults (`WAKE_DEFAULTS`, `CONSOLIDATION_DEFAULTS`, `DREAM_DEFAULTS`) and is validated by building the trainer's
+own config once, when the `SleepConfig` is made, so a bad value stops the run before anything loads.
+"""
 
 from __future__ import annotations
 
+import difflib
+import json
+import math
+import re
+from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+from trl import SFTConfig
+
+from ..rewards.qa import check_metric
+from ..trainers.dream_config import DreamConfig
+from ..trainers.generalized_distillation_config import GeneralizedDistillationConfig
+from .consolidation import CONSOLIDATION_DEFAULTS, CONSOLIDATION_FIXED, PHASE_DEFAULTS
 
 WAKE_MODES = ("fast", "context")
+
+# Wake: fresh low-rank experts (B starts at zero) need a larger rate than full fine-tuning; measured on SmolLM2-135M:
+# 2e-3 left session 0 at 0.00 after 45 steps, 1e-2 reached 0.75 after 60 (8 epochs of 60 texts at batch 8).
+WAKE_DEFAULTS = {
+    **PHASE_DEFAULTS,
+    "num_train_epochs": 8.0,
+    "learning_rate": 1e-2,
+    "per_device_train_batch_size": 8,
+    "max_length": 256,
+    "dataset_text_field": "text",
+}
+
+# Dreaming: 2 rounds of 4 dreams, 2 kept by gradient alignment; a dream budget is a few steps, so no warmup.
+DREAM_DEFAULTS = {
+    **PHASE_DEFAULTS,
+    "warmup_steps": 0,
+    "max_steps": 2,
+    "num_dreams": 4,
+    "num_selected_dreams": 2,
+    "num_random_dreams": 0,
+    "learning_rate": 1e-3,
+    "policy_update": "rest_em",
+    "max_completion_length": 96,
+    "inner_steps": 8,
+    "num_dreams_to_print": 2,
+}
+
+# Fields the cycle sets per phase (a section that names one is refused, with the reason).
+_CYCLE_SET = ("output_dir", "seed")
+_FIXED = {
+    "wake_args": _CYCLE_SET,
+    "consolidation_args": (*_CYCLE_SET, *CONSOLIDATION_FIXED),
+    "dream_args": (
+        *_CYCLE_SET, "tau", "tau_metric", "tau_prompt_template", "tau_use_chat_template", "tau_max_new_tokens",
+        "tau_batch_size", "tau_stop_at_newline", "random_expert_sampling",
+    ),
+}
+_WHY_FIXED = {
+    "output_dir": "each phase writes under the cycle's `output_dir`",
+    "seed": "each phase is seeded from the cycle's `seed`",
+    "trainable_parameters": "only the expert a sleep unlocks learns",
+    "teacher_view": "the teacher is the memory's teacher view",
+    "teacher_model_name_or_path": "the teacher is the memory's teacher view",
+    "teachers": "the teacher is the memory's teacher view",
+    "random_expert_sampling": "it follows `slow_gate` (routed slow levels dream with random experts)",
+}
+# Section fields that do not change what a run computes (left out of the resume fingerprint).
+_NOT_RESULTS = {"report_to", "logging_steps", "logging_first_step", "disable_tqdm", "num_dreams_to_print", "run_name",
+                "logging_dir", "log_level", "logging_strategy", "log_completions"}
+
+
+class SectionError(ValueError):
+    """A phase section of the sleep config names an unknown field, a field the cycle sets, or a bad value."""
+
+
+def _known_fields(cls) -> set[str]:
+    return {f.name for f in fields(cls) if f.init}
+
+
+def closest(name: str, candidates, n: int = 3) -> list[str]:
+    return difflib.get_close_matches(name, sorted(candidates), n=n, cutoff=0.6)
+
+
+def _as_section(value, name: str) -> dict:
+    if value is None:
+        return {}
+    if isinstance(value, str):  # from the command line as JSON, like TRL's `*_kwargs` fields
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise SectionError(f"`{name}` must be a mapping of field: value (or its JSON), got {value!r}: {err}.")
+    if not isinstance(value, Mapping):
+        raise SectionError(f"`{name}` must be a mapping of field: value, got {type(value).__name__}.")
+    return {key: _number(v) for key, v in value.items()}
+
+
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _number(value):
+    """YAML 1.1 reads `1e-3` (no dot) as a string; a section value that is a number in text is read as one."""
+    if isinstance(value, str) and _NUMBER.match(value.strip()):
+        return float(value) if any(c in value for c in ".eE") else int(value)
+    return value
 
 
 @dataclass
 class SleepConfig:
     r"""
-    Everything the Sleep cycle needs, flat so a YAML recipe (parsed by TRL's `TrlParser`) sets it in one place.
-
-    The cycle, per session k of a stream of new knowledge (paper notes §1-§4):
+    Everything the Sleep cycle needs. The cycle, per session k of a stream of new knowledge (paper notes §1-§4):
 
     1. **Wake**: the model learns session k in its fast memory (`wake: fast`: the fast level of a continuum memory,
-       trained with TRL's `SFTTrainer`), or only holds it in context (`wake: context`).
-    2. **Sleep** (`sleep: true`), at the fast level's boundary, which is the end of the session:
-       a. Knowledge Seeding: one new slow expert is unlocked; the teacher is the awake model (fast memory on, new
-          expert masked: the continuum memory's teacher view, no second copy of the weights), the student the same
-          weights with the fast memory suspended and the new expert on. `GeneralizedDistillationTrainer` trains only
-          the new expert, on prompts of session k plus replayed prompts of earlier sessions (the teacher, i.e. the
-          model itself, regenerates their answers).
-       b. Apply: keep the new expert, reset the fast level (synaptic pruning).
-       c. Dreaming (`dream: true`): `DreamTrainer` on session k's contexts, training the same new expert.
+       trained with TRL's `SFTTrainer`, settings in `wake_args`), or only holds it in context (`wake: context`).
+    2. **Sleep** (`sleep: true`), at the fast level's boundary, which is the end of the session
+       (`sleep_trl.sleep.consolidation.consolidate`, settings in `consolidation_args`): one new slow expert is
+       unlocked and `GeneralizedDistillationTrainer` distils the awake model (the memory's teacher view) into it, on
+       prompts of session k plus replayed prompts of earlier sessions; then the fast level is reset. With
+       `dream: true`, `DreamTrainer` then trains the same new expert on session k's contexts (`dream_args`).
     3. **Evaluate** every session so far (and the future ones, for the zero-shot upper triangle): the accuracy
-       matrix R[k][j].
+       matrix R[k][j], by closed-book QA (`eval_*`); dreaming's tau asks and scores the same way.
 
     With `sleep: false` the same run is the baseline: plain sequential fine-tuning of the same memory parameters
     (the fast expert and the slow experts the sleeping run would unlock, all trained together) with the same
@@ -42,8 +149,8 @@ class SleepConfig:
             `accuracy_matrix.png` and model card. Re-running the same command resumes; a different configuration
             in an existing directory is refused (nothing there is ever overwritten).
         seed (`int`, defaults to `0`):
-            Seeds the world and every phase (phase i of session k uses `seed + 100 * k + i`), so a resumed run
-            reproduces an uninterrupted one.
+            Seeds the world and every phase (phase i of session k uses `seed + 100 * (k + 1) + i`), so a resumed
+            run reproduces an uninterrupted one.
         torch_threads (`int` or `None`, defaults to `None`):
             CPU threads for torch. `None`: every core available to a single process (`accelerate launch` exports
             `OMP_NUM_THREADS=1`, which would halve the speed on 2 cores).
@@ -58,10 +165,8 @@ class SleepConfig:
 
         memory_layers (`str`, defaults to `"all"`):
             Decoder layers that get a memory: `"all"` or comma-separated indices (`"0,2,4"`).
-        fast_rank (`int`, defaults to `16`):
-            Rank of the fast expert (wake memory).
-        slow_rank (`int`, defaults to `16`):
-            Rank of each slow expert (one is unlocked per sleep).
+        fast_rank (`int`, defaults to `16`), slow_rank (`int`, defaults to `16`):
+            Rank of the fast expert (wake memory) and of each slow expert (one is unlocked per sleep).
         slow_slots (`int` or `None`, defaults to `None`):
             Pre-allocated slow experts; `None`: one per session.
         slow_gate (`str`, defaults to `"sigmoid"`):
@@ -71,61 +176,56 @@ class SleepConfig:
             vLLM). Measured on SmolLM2-135M, two sessions: sigmoid kept session 0 at 0.33 and learnt session 1 to
             0.83, fixed kept 0.33 and learnt 0.46.
 
-        > Wake
+        > The cycle
 
         wake (`str`, defaults to `"fast"`):
             `"fast"`: learn each session in the fast expert with `SFTTrainer`; `"context"`: no weight change while
             awake, the session's documents are the teacher's context during consolidation.
-        wake_epochs (`float`, defaults to `8.0`):
-            Passes over the session's training text (documents + question/answer pairs).
-        wake_learning_rate (`float`, defaults to `1e-2`), wake_batch_size (`int`, defaults to `8`):
-            Fresh low-rank experts (B starts at zero) need a larger rate than full fine-tuning; measured on
-            SmolLM2-135M: 2e-3 left session 0 at 0.00 after 45 steps, 1e-2 reached 0.75 after 60.
-
-        > Sleep: Knowledge Seeding (consolidation)
-
         sleep (`bool`, defaults to `True`):
             `False` runs the sequential fine-tuning baseline (see above).
-        sleep_steps (`int`, defaults to `40`):
-            Consolidation optimizer steps per session (measured on SmolLM2-135M: 24 steps carried 0.29 of the
-            awake 0.75 into the new expert, 40 steps 0.67).
-        sleep_learning_rate (`float`, defaults to `1e-2`), sleep_batch_size (`int`, defaults to `8`).
         replay_prompts (`int`, defaults to `16`):
             Prompts of each earlier session mixed into consolidation; their answers are regenerated by the long-term
             memory as it was before this sleep (fast level off, new expert masked), never read from the dataset.
-        lmbda (`float`, defaults to `0.0`), alpha (`float`, defaults to `1.0`), beta (`float`, defaults to `0.0`),
-        gamma (`float`, defaults to `0.5`), num_imitation_generations (`int`, defaults to `4`),
-        temperature (`float`, defaults to `1.0`), max_completion_length (`int`, defaults to `24`):
-            The GeneralizedDistillationConfig fields of the same names. The defaults favour teacher-written
-            sequences and a forward-KL-like target (`beta: 0`): on a CPU budget the awake teacher knows the answers
-            and the student must learn them; raise `lmbda` and lower `alpha` for the full objective.
-
-        > Sleep: Dreaming
-
         dream (`bool`, defaults to `False`):
             Run `DreamTrainer` on the session's contexts after consolidation (costly on a CPU: one LoRA inner loop
-            per kept dream).
-        dream_steps (`int`, defaults to `2`):
-            DreamTrainer optimizer steps per session; each step dreams on one of the session's documents (the
-            `num_dreams` dreams of that document are the group). Tau is the session's no-context QA on its training
-            phrasings (never the evaluation phrasings), scored with `eval_metric`.
-        num_dreams (`int`, defaults to `4`), dream_keep (`int`, defaults to `2`), dream_random (`int`, defaults to
-        `0`):
-            m dreams per document; the top-k by gradient alignment with tau's data are kept, plus b at random.
-        dream_learning_rate (`float`, defaults to `1e-3`), dream_policy_update (`str`, defaults to `"rest_em"`),
-        dream_max_completion_length (`int`, defaults to `96`), dream_inner_steps (`int`, defaults to `8`):
-            The DreamConfig fields `learning_rate`, `policy_update`, `max_completion_length`, `inner_steps`. Only the
-            slow expert unlocked by this sleep learns; with `slow_gate: sigmoid` dreams are written with one random
-            unlocked expert turned on per token (`random_expert_sampling`).
+            per kept dream). Each step dreams on one of the session's documents (its dreams are the group); tau is
+            the session's closed-book QA on its training phrasings (never the evaluation phrasings).
+
+        > Phase trainers (each a mapping of that trainer's own config fields)
+
+        wake_args (`dict`, defaults to `WAKE_DEFAULTS`):
+            `SFTConfig` fields of the wake. `num_train_epochs` sets the wake's optimizer steps,
+            `ceil(epochs * texts / batch)`, computed per session (unless `max_steps` is given).
+        consolidation_args (`dict`, defaults to `CONSOLIDATION_DEFAULTS`):
+            `GeneralizedDistillationConfig` fields of each sleep (`max_steps`, `learning_rate`, `lmbda`, `alpha`,
+            `beta`, `gamma`, `num_imitation_generations`, `temperature`, `max_completion_length`, ...). The defaults
+            favour teacher-written sequences and a forward-KL-like target (`beta: 0`): on a CPU budget the awake
+            teacher knows the answers and the student must learn them; raise `lmbda` and lower `alpha` for the full
+            objective.
+        dream_args (`dict`, defaults to `DREAM_DEFAULTS`):
+            `DreamConfig` fields of each dream phase (`max_steps`, `num_dreams`, `num_selected_dreams`,
+            `num_random_dreams`, `learning_rate`, `policy_update`, `inner_steps`, ...). `per_device_train_batch_size`
+            defaults to `num_dreams` (one context per round).
+
+        Fields the cycle sets itself are refused in a section, with the reason: `output_dir` and `seed` (per phase),
+        the trainable parameters and the teacher of a sleep, and tau (the cycle's closed-book QA) of a dream.
 
         > Evaluation
 
         eval_metric (`str`, defaults to `"contains"`):
-            Answer scoring: `"contains"` (the normalised answer occurs in the reply), `"exact"` or `"f1"`.
+            Answer scoring: `"contains"` (the normalised answer occurs in the reply), `"exact_match"`, `"f1"` or
+            `"semantic"`.
         eval_max_new_tokens (`int`, defaults to `16`), eval_batch_size (`int`, defaults to `24`).
         eval_future_sessions (`bool`, defaults to `True`):
             Also evaluate sessions not learned yet (zero-shot upper triangle, and forward transfer).
     """
+
+    # Phase sections and the trainer config each holds the fields of (read by the CLI for `--section.field`).
+    sections: ClassVar[dict[str, type]] = {
+        "wake_args": SFTConfig,
+        "consolidation_args": GeneralizedDistillationConfig,
+        "dream_args": DreamConfig,
+    }
 
     model_name_or_path: str = field(default="smollm2-135m-instruct", metadata={"help": "The model that sleeps."})
     output_dir: str = field(default="outputs/sleep", metadata={"help": "Run directory (resumable, never overwritten)."})
@@ -141,67 +241,55 @@ class SleepConfig:
     slow_rank: int = field(default=16, metadata={"help": "Rank of each slow expert."})
     slow_slots: int | None = field(default=None, metadata={"help": "Slow experts pre-allocated (None: sessions)."})
     slow_gate: str = field(default="sigmoid", metadata={"help": "'fixed' or 'sigmoid' gate of the slow level."})
-    # wake
+    # the cycle
     wake: str = field(default="fast", metadata={"help": "'fast' (fast expert, SFT) or 'context' (in context)."})
-    wake_epochs: float = field(default=8.0, metadata={"help": "Passes over the session's training text."})
-    wake_learning_rate: float = field(default=1e-2, metadata={"help": "Wake learning rate."})
-    wake_batch_size: int = field(default=8, metadata={"help": "Wake batch size."})
-    # sleep: consolidation
     sleep: bool = field(default=True, metadata={"help": "False: sequential fine-tuning baseline."})
-    sleep_steps: int = field(default=40, metadata={"help": "Consolidation steps per session."})
-    sleep_learning_rate: float = field(default=1e-2, metadata={"help": "Consolidation learning rate."})
-    sleep_batch_size: int = field(default=8, metadata={"help": "Consolidation batch size."})
     replay_prompts: int = field(default=16, metadata={"help": "Prompts replayed from each earlier session."})
-    lmbda: float = field(default=0.0, metadata={"help": "On-policy fraction of consolidation batches."})
-    alpha: float = field(default=1.0, metadata={"help": "Distillation weight against imitation."})
-    beta: float = field(default=0.0, metadata={"help": "Generalized JSD interpolation (0 forward KL)."})
-    gamma: float = field(default=0.5, metadata={"help": "Semantic share of the imitation reward."})
-    num_imitation_generations: int = field(default=4, metadata={"help": "Imitation group size."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling and loss temperature."})
-    max_completion_length: int = field(default=24, metadata={"help": "Tokens per consolidation sample."})
-    # sleep: dreaming
     dream: bool = field(default=False, metadata={"help": "Run DreamTrainer after consolidation."})
-    dream_steps: int = field(default=2, metadata={"help": "DreamTrainer steps per session."})
-    num_dreams: int = field(default=4, metadata={"help": "Dreams per context."})
-    dream_keep: int = field(default=2, metadata={"help": "Dreams kept by importance (top-k) per context."})
-    dream_random: int = field(default=0, metadata={"help": "Dreams kept at random (b) per context."})
-    dream_learning_rate: float = field(default=1e-3, metadata={"help": "DreamTrainer learning rate."})
-    dream_policy_update: str = field(default="rest_em", metadata={"help": "'rest_em' or 'grpo'."})
-    dream_max_completion_length: int = field(default=96, metadata={"help": "Maximum tokens of one dream."})
-    dream_inner_steps: int = field(default=8, metadata={"help": "Inner LoRA steps behind each dream's reward."})
+    # phase trainers
+    wake_args: dict[str, Any] | str | None = field(
+        default=None, metadata={"help": "SFTConfig fields of the wake (YAML mapping, or --wake_args.FIELD VALUE)."}
+    )
+    consolidation_args: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "GeneralizedDistillationConfig fields of each sleep (--consolidation_args.FIELD VALUE)."},
+    )
+    dream_args: dict[str, Any] | str | None = field(
+        default=None, metadata={"help": "DreamConfig fields of each dream phase (--dream_args.FIELD VALUE)."}
+    )
     # evaluation
-    eval_metric: str = field(default="contains", metadata={"help": "'contains', 'exact' or 'f1'."})
+    eval_metric: str = field(default="contains", metadata={"help": "'contains', 'exact_match', 'f1' or 'semantic'."})
     eval_max_new_tokens: int = field(default=16, metadata={"help": "Tokens per evaluation answer."})
     eval_batch_size: int = field(default=24, metadata={"help": "Evaluation batch size."})
     eval_future_sessions: bool = field(default=True, metadata={"help": "Evaluate future sessions (zero-shot)."})
 
     def __post_init__(self):
+        self.wake_args = _as_section(self.wake_args, "wake_args")
+        self.consolidation_args = _as_section(self.consolidation_args, "consolidation_args")
+        self.dream_args = _as_section(self.dream_args, "dream_args")
+        self._check_own_fields()
+        for section in self.sections:
+            self._check_section(section)
+
+    def _check_own_fields(self) -> None:
         if self.wake not in WAKE_MODES:
             raise ValueError(f"`wake` must be one of {WAKE_MODES}, got {self.wake!r}.")
         if self.wake == "context" and not self.sleep:
             raise ValueError("`wake: context` learns nothing without sleep; use `wake: fast` for the baseline.")
         if self.slow_gate not in ("fixed", "sigmoid"):
             raise ValueError(f"`slow_gate` must be 'fixed' or 'sigmoid', got {self.slow_gate!r}.")
-        if self.eval_metric not in ("contains", "exact", "f1"):
-            raise ValueError(f"`eval_metric` must be 'contains', 'exact' or 'f1', got {self.eval_metric!r}.")
-        if self.dream_policy_update not in ("rest_em", "grpo"):
-            raise ValueError(f"`dream_policy_update` must be 'rest_em' or 'grpo', got {self.dream_policy_update!r}.")
-        for name in ("num_sessions", "facts_per_session", "doc_variants", "fast_rank", "slow_rank", "wake_batch_size",
-                     "sleep_batch_size", "max_completion_length", "eval_max_new_tokens", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
-        for name in ("sleep_steps", "replay_prompts", "dream_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        check_metric(self.eval_metric, "eval_metric")
+        for name in ("num_sessions", "facts_per_session", "doc_variants", "fast_rank", "slow_rank",
+                     "eval_max_new_tokens", "eval_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+        if not isinstance(self.replay_prompts, int) or self.replay_prompts < 0:
+            raise ValueError(f"`replay_prompts` must be an integer >= 0, got {self.replay_prompts!r}.")
         if self.slow_slots is not None and self.slow_slots < self.num_sessions:
             raise ValueError(
                 f"`slow_slots` ({self.slow_slots}) is smaller than `num_sessions` ({self.num_sessions}): every sleep "
                 "unlocks one slow expert. Raise `slow_slots` or leave it unset."
-            )
-        if self.dream and self.dream_keep + self.dream_random > self.num_dreams:
-            raise ValueError(
-                f"`dream_keep` + `dream_random` ({self.dream_keep} + {self.dream_random}) must not exceed `num_dreams` "
-                f"({self.num_dreams}): lower them or raise `num_dreams`."
             )
         if self.dream and not self.sleep:
             raise ValueError("`dream: true` needs `sleep: true` (dreams train the expert a sleep unlocks).")
@@ -213,6 +301,51 @@ class SleepConfig:
                     f"`memory_layers` must be 'all' or comma-separated layer indices, got {self.memory_layers!r}."
                 ) from None
 
+    def _check_section(self, section: str) -> None:
+        """Unknown or cycle-set keys are refused by name; values are validated by the trainer's own config."""
+        given = getattr(self, section)
+        known = _known_fields(self.sections[section])
+        for key in given:
+            if key not in known:
+                close = closest(key, known)
+                hint = f" (did you mean {', '.join(f'{section}.{c}' for c in close)}?)" if close else ""
+                raise SectionError(
+                    f"`{section}.{key}` is not a field of {self.sections[section].__name__}{hint}."
+                )
+            if key in _FIXED[section]:
+                why = _WHY_FIXED.get(key, "dreaming's tau is the cycle's closed-book QA (set the `eval_*` fields)")
+                raise SectionError(f"`{section}.{key}` is set by the cycle ({why}): remove it from the section.")
+        try:
+            self.phase_config(section, output_dir=f"{self.output_dir}/trainer/check", seed=self.seed)
+        except (ValueError, TypeError) as err:
+            raise SectionError(f"`{section}`: {err}") from err
+
+    # ---- the phase configs ----------------------------------------------------------------------------------------
+    def phase_fields(self, section: str) -> dict:
+        """The section's fields: the cycle's defaults, overridden by the recipe's."""
+        defaults = {"wake_args": WAKE_DEFAULTS, "consolidation_args": CONSOLIDATION_DEFAULTS,
+                    "dream_args": DREAM_DEFAULTS}[section]
+        merged = {**defaults, **getattr(self, section)}
+        if section == "dream_args":
+            merged.setdefault("per_device_train_batch_size", merged["num_dreams"])  # one context per round
+        return merged
+
+    def phase_config(self, section: str, **fixed):
+        """The trainer config of one phase (`fixed`: output_dir, seed, ... set by the cycle for this phase)."""
+        merged = {"use_cpu": not torch.cuda.is_available(), **self.phase_fields(section), **fixed}
+        if section == "consolidation_args":
+            merged.update(teacher_view="memory", trainable_parameters=None)
+        return self.sections[section](**merged)
+
+    def wake_steps(self, num_texts: int) -> int:
+        """Optimizer steps of a wake over `num_texts` training texts (`max_steps`, or from `num_train_epochs`)."""
+        wake = self.phase_fields("wake_args")
+        if wake.get("max_steps", -1) > 0:
+            return int(wake["max_steps"])
+        per_step = wake["per_device_train_batch_size"] * wake.get("gradient_accumulation_steps", 1)
+        return max(1, math.ceil(wake["num_train_epochs"] * num_texts / per_step))
+
+    # ---- identity of a run ----------------------------------------------------------------------------------------
     @property
     def layers(self):
         return "all" if self.memory_layers == "all" else [int(x) for x in str(self.memory_layers).split(",")]
@@ -220,14 +353,24 @@ class SleepConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def _flat(self, resolved: bool) -> dict:
+        data = self.to_dict()
+        for section in self.sections:
+            values = self.phase_fields(section) if resolved else data[section]
+            del data[section]
+            data.update({f"{section}.{k}": v for k, v in values.items() if k not in _NOT_RESULTS})
+        return data
+
     @classmethod
     def defaults(cls) -> dict:
-        """Every field's default value (fields with a default factory are left out)."""
-        return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+        """Every field's default value, sections flattened (`consolidation_args.max_steps`, ...)."""
+        own = {f.name: f.default for f in fields(cls) if f.default is not MISSING and f.name not in cls.sections}
+        return {**own, **cls()._flat(resolved=True)}
 
     def fingerprint(self) -> dict:
-        """Fields that change the results: a resumed run must have the same (output_dir, torch_threads excluded)."""
-        data = self.to_dict()
+        """Fields that change the results, sections resolved and flattened: a resumed run must have the same
+        (output_dir, torch_threads and logging fields excluded)."""
+        data = self._flat(resolved=True)
         data.pop("output_dir")
         data.pop("torch_threads")
         return data

@@ -10,21 +10,29 @@ configuration continues after the last finished phase and ends with the same rep
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from pathlib import Path
 
+import torch
+from datasets import Dataset
 from rich.console import Console
+from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from trl import RichProgressCallback, SFTTrainer
 
+from ..assets import resolve_model_path
+from ..data import make_world
+from ..dreaming.tau import NoContextQA
+from ..eval import AccuracyMatrix, ClosedBookQA
+from ..memory import LevelConfig, MemoryConfig, attach_memory, load_memory
+from ..trainers.dream_trainer import DreamTrainer
 from .config import SleepConfig
+from .consolidation import consolidate
+from .data import consolidation_prompts, wake_texts
 from .ledger import Ledger, PhaseRecord
+from .report import finalize, load_report
 
 BASE = "base"  # the evaluation before any session (session index -1)
-
-
-# The evaluation's metric names and the same metrics as DreamTrainer's tau calls them.
-TAU_METRIC_OF_EVAL_METRIC = {"contains": "contains", "exact": "exact_match", "f1": "token_f1"}
 
 
 def _available_cores() -> int:
@@ -39,6 +47,9 @@ class SleepCycle:
         self.config = config
         self.console = console or Console()
         self.output_dir = Path(config.output_dir)
+        self.qa = ClosedBookQA(
+            metric=config.eval_metric, max_new_tokens=config.eval_max_new_tokens, batch_size=config.eval_batch_size
+        )
 
     # -----------------------------------------------------------------------------------------------------------------
     # The run
@@ -56,13 +67,6 @@ class SleepCycle:
         return phases
 
     def run(self) -> dict:
-        import torch
-
-        from ..data import make_world
-        from ..eval import AccuracyMatrix
-        from ..memory import attach_memory, load_memory
-        from .report import finalize, load_report
-
         cfg = self.config
         ledger = Ledger.open(self.output_dir, cfg.fingerprint(), defaults=type(cfg).defaults())
         if ledger.finished:
@@ -74,9 +78,21 @@ class SleepCycle:
         if threads:
             torch.set_num_threads(threads)
         started = time.perf_counter()
+        self._setup(ledger)
+        if cfg.eval_future_sessions and not ledger.done(-1, BASE):
+            self._run_phase(ledger, -1, BASE, 0)
+        for k in range(cfg.num_sessions):
+            for index, phase in enumerate(self.phases()):
+                if not ledger.done(k, phase):
+                    self._run_phase(ledger, k, phase, index + 1)
+        return finalize(self, ledger, time.perf_counter() - started)
+
+    def _setup(self, ledger: Ledger) -> None:
+        """The world, the model with its memory (restored from the last checkpoint), the accuracy matrix."""
+        cfg = self.config
         self.world = make_world(cfg.num_sessions, cfg.facts_per_session, cfg.seed, doc_variants=cfg.doc_variants)
         self.tokenizer, self.model = self._load_model()
-        self.wake_steps = self._wake_steps()
+        self.wake_steps = cfg.wake_steps(len(wake_texts(self.world.sessions[0], self.tokenizer)))
         self.memory = attach_memory(self.model, self._memory_config())
         resume_from = ledger.last_checkpoint()
         if resume_from is not None:
@@ -87,17 +103,7 @@ class SleepCycle:
         else:
             self.matrix = AccuracyMatrix(cfg.num_sessions, metric=cfg.eval_metric)
 
-        if cfg.eval_future_sessions and not ledger.done(-1, BASE):
-            self._run_phase(ledger, -1, BASE, 0)
-        for k in range(cfg.num_sessions):
-            for index, phase in enumerate(self.phases()):
-                if not ledger.done(k, phase):
-                    self._run_phase(ledger, k, phase, index + 1)
-        return finalize(self, ledger, time.perf_counter() - started)
-
     def _run_phase(self, ledger: Ledger, k: int, phase: str, index: int) -> None:
-        from transformers import set_seed
-
         cfg = self.config
         label = "before any session" if k < 0 else f"session {k}"
         self.console.rule(f"[bold]{phase}[/] · {label}")
@@ -118,11 +124,6 @@ class SleepCycle:
     # -----------------------------------------------------------------------------------------------------------------
 
     def _load_model(self):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from ..assets import resolve_model_path
-
         path = resolve_model_path(self.config.model_name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         if tokenizer.pad_token is None:
@@ -133,19 +134,7 @@ class SleepCycle:
         self.model_path = path
         return tokenizer, model
 
-    def _wake_texts(self, k: int) -> list[str]:
-        from .data import wake_texts
-
-        return wake_texts(self.world.sessions[k], self.tokenizer)
-
-    def _wake_steps(self) -> int:
-        """Optimizer steps of one session's wake (the fast level's chunk size)."""
-        n = len(self._wake_texts(0))
-        return max(1, math.ceil(self.config.wake_epochs * n / self.config.wake_batch_size))
-
-    def _memory_config(self):
-        from ..memory import LevelConfig, MemoryConfig
-
+    def _memory_config(self) -> MemoryConfig:
         cfg = self.config
         slots = cfg.slow_slots or cfg.num_sessions
         return MemoryConfig(
@@ -157,22 +146,8 @@ class SleepCycle:
             seed=cfg.seed,
         )
 
-    def _trainer_kwargs(self, seed: int, name: str) -> dict:
-        import torch
-
-        return dict(
-            output_dir=str(self.output_dir / "trainer" / name),
-            use_cpu=not torch.cuda.is_available(),
-            bf16=False,
-            gradient_checkpointing=False,
-            report_to="none",
-            save_strategy="no",
-            logging_steps=5,
-            disable_tqdm=True,
-            seed=seed,
-            lr_scheduler_type="constant_with_warmup",
-            warmup_steps=2,
-        )
+    def _phase_dir(self, name: str) -> str:
+        return str(self.output_dir / "trainer" / name)
 
     # -----------------------------------------------------------------------------------------------------------------
     # Phases: each returns (metrics, whether the memory changed)
@@ -183,9 +158,6 @@ class SleepCycle:
         return {"accuracy": row}, False
 
     def _wake(self, k: int, seed: int):
-        from datasets import Dataset
-        from trl import RichProgressCallback, SFTConfig, SFTTrainer
-
         cfg, mem = self.config, self.memory
         steps = self.wake_steps
         if cfg.sleep:
@@ -193,7 +165,7 @@ class SleepCycle:
         else:
             # The baseline trains the same memory parameters the sleeping run ends up with (the fast expert and one
             # slow expert per session, all at once, never reset) with the same optimizer steps per session.
-            steps += cfg.sleep_steps
+            steps += cfg.phase_fields("consolidation_args")["max_steps"]
             if mem.unlocked("fast") == 0:
                 mem.expand("fast")
                 for _ in range(mem.config.level("slow").num_slots):
@@ -201,108 +173,59 @@ class SleepCycle:
             names = [n for level in mem.levels
                      for n in mem.names(mem.parameters(level, slots=range(mem.unlocked(level))))]
         mem.freeze_all_but(names)
-        args = SFTConfig(
-            **self._trainer_kwargs(seed, f"s{k}-wake"),
-            max_steps=steps,
-            per_device_train_batch_size=cfg.wake_batch_size,
-            learning_rate=cfg.wake_learning_rate,
-            max_length=256,
-            dataset_text_field="text",
-        )
-        data = Dataset.from_dict({"text": self._wake_texts(k)})
+        args = cfg.phase_config("wake_args", output_dir=self._phase_dir(f"s{k}-wake"), seed=seed, max_steps=steps)
+        data = Dataset.from_dict({"text": wake_texts(self.world.sessions[k], self.tokenizer)})
         trainer = SFTTrainer(model=self.model, args=args, train_dataset=data, processing_class=self.tokenizer,
                              callbacks=[RichProgressCallback()])
         result = trainer.train()
         return {"steps": steps, "train_loss": round(result.training_loss, 4)}, True
 
     def _consolidate(self, k: int, seed: int):
-        from trl import RichProgressCallback
-
-        from ..trainers import GeneralizedDistillationConfig, GeneralizedDistillationTrainer
-        from .data import consolidation_prompts
-
-        cfg, mem = self.config, self.memory
-        names = mem.expand("slow")
-        if cfg.wake == "fast":
-            mem.suspend("fast")  # the student must not see what the teacher (the awake model) holds in fast memory
-        data = consolidation_prompts(self.world, k, cfg.replay_prompts, seed, with_context=cfg.wake == "context")
-        args = GeneralizedDistillationConfig(
-            **self._trainer_kwargs(seed, f"s{k}-consolidate"),
-            max_steps=cfg.sleep_steps,
-            per_device_train_batch_size=cfg.sleep_batch_size,
-            learning_rate=cfg.sleep_learning_rate,
-            lmbda=cfg.lmbda, alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma if cfg.alpha < 1 else 0.0,
-            num_imitation_generations=cfg.num_imitation_generations,
-            temperature=cfg.temperature,
-            max_completion_length=cfg.max_completion_length,
-            trainable_parameters=names,
-            teacher_view="memory",
+        cfg = self.config
+        in_context = cfg.wake == "context"
+        data = consolidation_prompts(self.world, k, cfg.replay_prompts, seed, with_context=in_context)
+        fields = {
+            **cfg.phase_fields("consolidation_args"), "use_cpu": not torch.cuda.is_available(),
+            "output_dir": self._phase_dir(f"s{k}-consolidate"), "seed": seed,
+        }
+        result = consolidate(
+            self.model, self.tokenizer, data, fields, fast_level=None if in_context else "fast",
+            callbacks=[RichProgressCallback()],
         )
-        trainer = GeneralizedDistillationTrainer(model=self.model, args=args, train_dataset=data,
-                                                 processing_class=self.tokenizer, callbacks=[RichProgressCallback()])
-        result = trainer.train()
-        if cfg.wake == "fast":
-            mem.reset("fast")  # synaptic pruning: the fast level is free for the next session
-        logs = [h for h in trainer.state.log_history if "distill/loss" in h]
-        metrics = {"steps": cfg.sleep_steps, "train_loss": round(result.training_loss, 4), "prompts": len(data)}
-        if logs:
-            metrics["distill_loss_last"] = round(logs[-1]["distill/loss"], 4)
-        return metrics, True
+        return result.metrics(), True
 
     def _dream(self, k: int, seed: int):
-        from trl import RichProgressCallback
-
-        from ..trainers import DreamConfig, DreamTrainer
-
         cfg, mem = self.config, self.memory
         # Dreaming rehearses into the expert this sleep just unlocked; every older expert stays frozen.
-        names = mem.names(mem.parameters("slow", slots=[mem.unlocked("slow") - 1]))
-        mem.freeze_all_but(names)
-        tasks = self.world.sessions[k].dream_tasks
-        kwargs = self._trainer_kwargs(seed, f"s{k}-dream")
-        kwargs["warmup_steps"] = 0  # a dream budget is a few steps; a warmup would spend the first at lr 0
-        args = DreamConfig(
-            **kwargs,
-            max_steps=cfg.dream_steps,
-            num_dreams=cfg.num_dreams,
-            num_selected_dreams=cfg.dream_keep,
-            num_random_dreams=cfg.dream_random,
-            per_device_train_batch_size=cfg.num_dreams,  # one context per round: its m dreams form the group
-            learning_rate=cfg.dream_learning_rate,
-            policy_update=cfg.dream_policy_update,
-            max_completion_length=cfg.dream_max_completion_length,
-            tau="qa",
-            tau_metric=TAU_METRIC_OF_EVAL_METRIC[cfg.eval_metric],
-            tau_max_new_tokens=cfg.eval_max_new_tokens,
-            inner_steps=cfg.dream_inner_steps,
+        mem.freeze_all_but(mem.names(mem.parameters("slow", slots=[mem.unlocked("slow") - 1])))
+        args = cfg.phase_config(
+            "dream_args", output_dir=self._phase_dir(f"s{k}-dream"), seed=seed, tau="qa",
+            tau_metric=cfg.eval_metric, tau_max_new_tokens=cfg.eval_max_new_tokens,
             # each router also turns on one random unlocked expert while dreaming (routed slow levels only)
             random_expert_sampling=cfg.slow_gate == "sigmoid",
-            num_dreams_to_print=2,
         )
-        trainer = DreamTrainer(self.model, args=args, train_dataset=tasks, processing_class=self.tokenizer,
-                               callbacks=[RichProgressCallback()])
+        trainer = DreamTrainer(
+            self.model, args=args, train_dataset=self.world.sessions[k].dream_tasks, processing_class=self.tokenizer,
+            tau=NoContextQA(self.qa), callbacks=[RichProgressCallback()],
+        )
         tau_before = trainer.evaluate_tau()
         trainer.train()
         tau_after = trainer.evaluate_tau()
-        history = trainer.state.log_history
-        rates = [h["dream/reward_rate"] for h in history if "dream/reward_rate" in h]
-        metrics = {"steps": cfg.dream_steps, "tau_before": round(tau_before, 4), "tau_after": round(tau_after, 4)}
+        rates = [h["dream/reward_rate"] for h in trainer.state.log_history if "dream/reward_rate" in h]
+        metrics = {"steps": args.max_steps, "tau_before": round(tau_before, 4), "tau_after": round(tau_after, 4)}
         if rates:
             metrics["reward_rate"] = round(sum(rates) / len(rates), 4)
         return metrics, True
 
     def _eval(self, k: int, seed: int):
         sessions = range(self.config.num_sessions) if self.config.eval_future_sessions else range(k + 1)
-        row = self._evaluate(k, sessions)
-        return {"accuracy": row}, False
+        return {"accuracy": self._evaluate(k, sessions)}, False
 
     def _evaluate(self, after: int | None, sessions) -> list[float]:
-        cfg = self.config
         self.model.eval()
         rows = [s.eval_qa for s in self.world.sessions]
         accuracies = self.matrix.evaluate_model(
-            after, self.model, self.tokenizer, rows, sessions=list(sessions),
-            batch_size=cfg.eval_batch_size, max_new_tokens=cfg.eval_max_new_tokens,
+            after, self.model, self.tokenizer, rows, sessions=list(sessions), qa=self.qa
         )
         return [round(a, 4) for a in accuracies]
 

@@ -6,17 +6,20 @@ import random
 
 from datasets import Dataset
 
+from ..eval.qa import has_chat_template, plain_qa_text
+
 
 def wake_texts(session, tokenizer) -> list[str]:
     """The session's documents as plain text, plus its training question/answer pairs through the chat template
-    (language modelling over both: the documents carry the facts, the pairs teach answering them)."""
+    (language modelling over both: the documents carry the facts, the pairs teach answering them). Without a chat
+    template the pairs take the plain QA layout the evaluation asks in."""
     texts = list(session.documents["text"])
-    chat = getattr(tokenizer, "chat_template", None) is not None
+    chat = has_chat_template(tokenizer)
     for row in session.train_sft:
         if chat:
             texts.append(tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False))
         else:
-            texts.append(f"Question: {row['prompt'][0]['content']}\nAnswer: {row['completion'][0]['content']}")
+            texts.append(plain_qa_text(row["prompt"][0]["content"], row["completion"][0]["content"]))
     return texts
 
 

@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..io import atomic_write_json
+
 LEDGER_NAME = "cycle_state.json"
 FORMAT = "sleep_trl.cycle/1"
 
@@ -101,6 +103,4 @@ class Ledger:
             "matrix": self.matrix,
             "finished": self.finished,
         }
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        os.replace(tmp, self.path)
+        atomic_write_json(self.path, data)

@@ -10,8 +10,10 @@ from pathlib import Path
 
 from rich.table import Table
 
-from .. import __version__
-from ..trainers.paper import SLEEP_PAPER
+from .._version import __version__
+from ..eval import AccuracyMatrix, save_accuracy_matrix_plot
+from ..io import atomic_write_json, atomic_write_text, publish_dir
+from ..paper import SLEEP_PAPER
 
 REPORT_NAME = "sleep_report.json"
 PLOT_NAME = "accuracy_matrix.png"
@@ -89,7 +91,7 @@ def model_card(report: dict) -> str:
         f"| after session {i} | " + " | ".join("-" if x is None else f"{x:.2f}" for x in row) + " |"
         for i, row in enumerate(R)
     )
-    header = "| | " + " | ".join(f"session {j}" for j in range(len(R))) + " |\n|---" * (len(R) + 1) + "|"
+    header = "| | " + " | ".join(f"session {j}" for j in range(len(R))) + " |\n" + "|---" * (len(R) + 1) + "|"
     lineage = "\n".join(
         f"- session {e['session']}: slow expert {e['slot']} unlocked and consolidated ({e['after']})"
         for e in report["experts_added"]
@@ -132,21 +134,16 @@ Memory: `{report['memory']}`
 
 
 def finalize(cycle, ledger, wall_seconds: float) -> dict:
-    from ..eval import save_accuracy_matrix_plot
-
     out = cycle.output_dir
     model_dir = out / MODEL_DIR
     if not (model_dir / "config.json").exists():
         tmp = out / (MODEL_DIR + ".tmp")
-        cycle.model.save_pretrained(tmp)  # host weights + memory.safetensors + memory_config.json
-        cycle.tokenizer.save_pretrained(tmp)
-        tmp.rename(model_dir)
+        cycle.memory.save_pretrained(tmp, tokenizer=cycle.tokenizer)  # host + memory.safetensors + memory_config.json
+        publish_dir(tmp, model_dir)
     report = build_report(cycle, ledger, wall_seconds)
-    (model_dir / "README.md").write_text(model_card(report))
+    atomic_write_text(model_dir / "README.md", model_card(report))
     save_accuracy_matrix_plot(cycle.matrix, out / PLOT_NAME, title=f"R[i][j] · {report['mode']}", overwrite=True)
-    tmp = out / (REPORT_NAME + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out / REPORT_NAME)
+    atomic_write_json(out / REPORT_NAME, report)
     ledger.finished = True
     ledger.write()
     show(report, cycle.matrix, cycle.console)
@@ -161,8 +158,6 @@ def show(report: dict, matrix, console) -> None:
 
 
 def load_report(output_dir, console) -> dict:
-    from ..eval import AccuracyMatrix
-
     report = json.loads((Path(output_dir) / REPORT_NAME).read_text())
     show(report, AccuracyMatrix.from_dict(report["accuracy_matrix"]), console)
     return report

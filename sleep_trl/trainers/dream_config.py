@@ -6,12 +6,13 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
+from ..dreaming.inner_loop import REWARD_TYPES, InnerLoopConfig
 from ..dreaming.selection import IMPORTANCE_SCORES, IMPORTANCE_TARGETS
-from ..dreaming.tau import TAU_METRICS, TAUS
+from ..dreaming.tau import TAUS
 from ..dreaming.templates import DREAM_SPLITS, resolve_template
+from ..rewards.qa import METRICS
 
 POLICY_UPDATES = ("rest_em", "grpo")
-REWARD_TYPES = ("binary", "improvement")
 
 
 @dataclass
@@ -51,7 +52,8 @@ class DreamConfig(GRPOConfig):
             `qa`: no-context question answering on the task's `questions`/`answers`; `demos`: accuracy on held-out
             `demos`. A `tau` callable passed to the trainer replaces it.
         tau_metric (`str`, *optional*, defaults to `"exact_match"`):
-            Per-item metric: `exact_match`, `token_f1`, `contains` or `semantic` (offline MiniLM judge).
+            Per-item metric: `exact_match`, `f1`, `contains` or `semantic` (offline MiniLM judge), the metric names
+            of `sleep_trl.eval.qa.ClosedBookQA`, which asks and scores tau's questions.
         tau_prompt_template (`str` or `None`, *optional*):
             How a question (`{question}`) or held-out input (`{input}`, `{context}`) is asked; `None` = the item alone.
         tau_use_chat_template (`bool` or `None`, *optional*):
@@ -156,7 +158,7 @@ class DreamConfig(GRPOConfig):
     tau: str = field(
         default="qa", metadata={"help": "Downstream score: qa (no-context QA) or demos (held-out demos)."}
     )
-    tau_metric: str = field(default="exact_match", metadata={"help": "exact_match, token_f1, contains or semantic."})
+    tau_metric: str = field(default="exact_match", metadata={"help": "exact_match, f1, contains or semantic."})
     tau_prompt_template: str | None = field(default=None, metadata={"help": "How one question/input is asked."})
     tau_use_chat_template: bool | None = field(
         default=None, metadata={"help": "Ask through the chat template (None: when the tokenizer has one)."}
@@ -219,7 +221,7 @@ class DreamConfig(GRPOConfig):
         resolve_template(self.dream_template)
         choice("dream_split", self.dream_split, DREAM_SPLITS)
         choice("tau", self.tau, tuple(TAUS))
-        choice("tau_metric", self.tau_metric, TAU_METRICS)
+        choice("tau_metric", self.tau_metric, METRICS)
         choice("importance_score", self.importance_score, IMPORTANCE_SCORES)
         choice("importance_target", self.importance_target, IMPORTANCE_TARGETS)
         choice("reward_type", self.reward_type, REWARD_TYPES)
@@ -258,6 +260,18 @@ class DreamConfig(GRPOConfig):
                 "random_expert_sampling=True acts on the model's torch modules, but use_vllm=True samples from vLLM's "
                 "own copy of the weights. Set use_vllm=False to dream with random experts."
             )
+
+
+    def inner_loop(self) -> InnerLoopConfig:
+        """The isolated inner loop these fields describe (`inner_*`, `max_dream_tokens`, the reward rule, `seed`)."""
+        targets = self.inner_lora_target_modules
+        return InnerLoopConfig(
+            r=self.inner_lora_r, lora_alpha=self.inner_lora_alpha, lora_dropout=self.inner_lora_dropout,
+            target_modules=tuple(targets) if isinstance(targets, list) else targets, steps=self.inner_steps,
+            learning_rate=self.inner_learning_rate, batch_size=self.inner_batch_size,
+            weight_decay=self.inner_weight_decay, max_length=self.max_dream_tokens, reward_type=self.reward_type,
+            threshold=self.improvement_threshold, seed=self.seed,
+        )
 
 
 @dataclass

@@ -21,6 +21,7 @@ and clipped loss, metric logging, checkpoints and model cards. What this class a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -31,18 +32,22 @@ from typing import ClassVar
 
 import torch
 from datasets import Dataset, IterableDataset
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, ProcessorMixin
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase, ProcessorMixin
 from trl import GRPOTrainer
 from trl.trainer.utils import get_config_model_id
 
-from ..dreaming.experts import find_continuum_memory, random_expert_sampling
+from ..dreaming.experts import random_expert_sampling
 from ..dreaming.inner_loop import evaluate_dreams
 from ..dreaming.selection import dream_importance, resolve_importance_parameters, select_dreams
-from ..dreaming.sft_data import encode_example, eval_mode, pad_token_id
+from ..dreaming.sft_data import encode_example
 from ..dreaming.tau import build_tau
 from ..dreaming.templates import build_dream_prompt, completion_text, split_dream
+from ..generation.hf import encode_prompts, generate_ids, pad_token_id
+from ..memory import find_memory
+from ..paper import SLEEP_PAPER
 from .dream_config import DreamConfig
-from .paper import SLEEP_PAPER
 
 # Keyword arguments GRPOTrainer passes to reward functions that are not dataset columns.
 _NON_TASK_KWARGS = {"trainer_state", "log_extra", "log_metric", "environments", "completion_ids", "prompts"}
@@ -200,7 +205,7 @@ class DreamTrainer(GRPOTrainer):
 
     @staticmethod
     def _check_memory(model) -> None:
-        if find_continuum_memory(model) is None:
+        if find_memory(model) is None:
             raise ValueError(
                 "random_expert_sampling=True needs a model that carries a continuum memory (sleep_trl.memory), but "
                 "none was found. Expand the model with a memory first, or set random_expert_sampling=False."
@@ -240,7 +245,6 @@ class DreamTrainer(GRPOTrainer):
         identical on every process); measure tau of the model as it is once per task; run the isolated inner loop on
         each kept dream of this process; log metrics and the dream table.
         """
-        args = self.args
         mode = "train" if self.model.training else "eval"
         m = self.num_generations if mode == "train" else self.num_generations_eval
         texts = [completion_text(c) for c in completions]
@@ -251,63 +255,29 @@ class DreamTrainer(GRPOTrainer):
         members: dict[int, list[int]] = defaultdict(list)
         for i, g in enumerate(groups):
             members[g].append(i)
-        sequences = [split_dream(t, args.dream_split) for t in texts]
+        sequences = [split_dream(t, self.args.dream_split) for t in texts]
         policy = self.accelerator.unwrap_model(self.model)
-        tokenizer = self._tokenizer
 
-        # 1. Importance and selection.
-        k, b = args.num_selected_dreams, args.num_random_dreams
-        selecting = k is not None and k + b < m
-        scores = [math.nan] * n
         t0 = time.perf_counter()
-        if selecting:
-            for idx in members.values():
-                target = self._importance_target(tokenizer, tasks[idx[0]])
-                group_scores = dream_importance(
-                    policy,
-                    tokenizer,
-                    [sequences[i] for i in idx],
-                    target,
-                    self._importance_params,
-                    args.importance_score,
-                    args.max_dream_tokens,
-                )
-                for i, s in zip(idx, group_scores, strict=True):
-                    scores[i] = s
-            local = torch.tensor(scores, dtype=torch.float32, device=self.accelerator.device)
-            all_scores = self.accelerator.gather(local).cpu()
-            keep = select_dreams(all_scores.view(-1, m), k, b, self._selection_generator(mode)).view(-1)
-            selected = keep[offset : offset + n].tolist()
-        else:
-            selected = [True] * n
+        scores, selected, selecting = self._select_dreams(policy, tasks, sequences, members, offset, m, mode)
         selection_seconds = time.perf_counter() - t0
-
-        # 2. tau of the model as it is, once per task that has a kept dream.
         t1 = time.perf_counter()
-        tau_before: dict[int, float] = {}
-        for g, idx in members.items():
-            if any(selected[i] for i in idx):
-                tau_before[g] = float(self.tau(policy, tokenizer, tasks[idx[0]]))
+        tau_before = {
+            g: float(self.tau(policy, self._tokenizer, tasks[idx[0]]))
+            for g, idx in members.items()
+            if any(selected[i] for i in idx)
+        }
         tau_seconds = time.perf_counter() - t1
-
-        # 3. The isolated inner loop on each kept dream.
         kept = [i for i in range(n) if selected[i]]
         evaluations = evaluate_dreams(
-            policy,
-            tokenizer,
-            self.tau,
-            [tasks[i] for i in kept],
-            [sequences[i] for i in kept],
-            [tau_before[groups[i]] for i in kept],
-            reward_type=args.reward_type,
-            **self._inner_loop_kwargs(),
+            policy, self._tokenizer, self.tau, [tasks[i] for i in kept], [sequences[i] for i in kept],
+            [tau_before[groups[i]] for i in kept], self.args.inner_loop(),
         )
         rewards: list[float | None] = [None] * n
         after: list[float] = [math.nan] * n
         for i, ev in zip(kept, evaluations, strict=True):
             rewards[i], after[i] = ev.reward, ev.tau_after
 
-        # 4. Metrics, extra completion columns and the dream table.
         self._log_dream_metrics(
             scores, selected, rewards, after, tau_before, evaluations, sequences, selection_seconds, tau_seconds,
             selecting,
@@ -315,31 +285,37 @@ class DreamTrainer(GRPOTrainer):
         self._log_completion_extra("importance", scores)
         self._log_completion_extra("selected", selected)
         self._log_completion_extra("tau_after", after)
+        context = self.args.context_column
         for i in range(n):
-            self._dream_records.append(
-                {
-                    "context": str(tasks[i].get(args.context_column, "")),
-                    "dream": texts[i],
-                    "importance": scores[i],
-                    "selected": selected[i],
-                    "tau_before": tau_before.get(groups[i], math.nan),
-                    "tau_after": after[i],
-                    "reward": rewards[i],
-                }
-            )
+            self._dream_records.append({
+                "context": str(tasks[i].get(context, "")), "dream": texts[i], "importance": scores[i],
+                "selected": selected[i], "tau_before": tau_before.get(groups[i], math.nan), "tau_after": after[i],
+                "reward": rewards[i],
+            })
         self._dream_batch = {"texts": texts, "rewards": rewards}
         return rewards
 
-    def _inner_loop_kwargs(self) -> dict:
-        """The isolated inner loop's settings (LoRA, optimiser, threshold, seed) from the config."""
+    def _select_dreams(self, policy, tasks, sequences, members, offset: int, m: int, mode: str):
+        """Importance scores and the kept mask of this process's dreams (top-k + b random over each full group of m,
+        chosen from the scores gathered from every process, with a generator identical on all of them)."""
         args = self.args
-        return dict(
-            r=args.inner_lora_r, lora_alpha=args.inner_lora_alpha, lora_dropout=args.inner_lora_dropout,
-            target_modules=args.inner_lora_target_modules, steps=args.inner_steps,
-            learning_rate=args.inner_learning_rate, batch_size=args.inner_batch_size,
-            weight_decay=args.inner_weight_decay, max_length=args.max_dream_tokens,
-            threshold=args.improvement_threshold, seed=args.seed,
-        )
+        n = len(sequences)
+        k, b = args.num_selected_dreams, args.num_random_dreams
+        if k is None or k + b >= m:
+            return [math.nan] * n, [True] * n, False
+        scores = [math.nan] * n
+        for idx in members.values():
+            target = self._importance_target(self._tokenizer, tasks[idx[0]])
+            group_scores = dream_importance(
+                policy, self._tokenizer, [sequences[i] for i in idx], target, self._importance_params,
+                args.importance_score, args.max_dream_tokens,
+            )
+            for i, score in zip(idx, group_scores, strict=True):
+                scores[i] = score
+        local = torch.tensor(scores, dtype=torch.float32, device=self.accelerator.device)
+        all_scores = self.accelerator.gather(local).cpu()
+        keep = select_dreams(all_scores.view(-1, m), k, b, self._selection_generator(mode)).view(-1)
+        return scores, keep[offset : offset + n].tolist(), True
 
     def _log_dream_metrics(
         self, scores, selected, rewards, after, tau_before, evaluations, sequences, selection_seconds, tau_seconds,
@@ -492,7 +468,6 @@ class DreamTrainer(GRPOTrainer):
         scores = [float(self.tau(policy, self._tokenizer, row)) for row in dataset]
         return sum(scores) / len(scores)
 
-    @torch.no_grad()
     def write_dreams(
         self,
         dataset: Dataset | None = None,
@@ -501,59 +476,42 @@ class DreamTrainer(GRPOTrainer):
         batch_size: int = 8,
     ):
         """Dreams the model writes now for each task (transformers generation, `max_completion_length` tokens,
-        `batch_size` tasks at a time).
+        `batch_size` tasks at a time, through `sleep_trl.generation.hf`).
 
         `temperature=0` decodes greedily; `None` uses the config's sampling temperature. Returns one list of
         `num_dreams` strings per task.
         """
-        from transformers import GenerationConfig
-
         dataset = self.train_dataset if dataset is None else dataset
         policy = self.accelerator.unwrap_model(self.model)
         tok = self._tokenizer
         temperature = self.temperature if temperature is None else temperature
+        sampled = temperature > 0
         config = GenerationConfig(
             max_new_tokens=self.max_completion_length,
-            do_sample=temperature > 0,
-            temperature=temperature if temperature > 0 else None,
-            top_p=self.top_p if temperature > 0 else None,
-            pad_token_id=pad_token_id(tok),
+            do_sample=sampled,
+            temperature=temperature if sampled else None,
+            top_p=self.top_p if sampled else None,
+            top_k=None,
             eos_token_id=self.eos_token_ids,
-            num_return_sequences=num_dreams if temperature > 0 else 1,
+            num_return_sequences=num_dreams if sampled else 1,
         )
-        copies = 1 if temperature > 0 else num_dreams  # greedy decoding writes one dream, repeated
         rows = list(dataset)
-        texts, plain = [], []
-        for row in rows:
-            prompt = row["prompt"]
-            if isinstance(prompt, list):
-                prompt = tok.apply_chat_template(
-                    prompt, tokenize=False, add_generation_prompt=True, **self.chat_template_kwargs
-                )
-                plain.append(False)
-            else:
-                plain.append(True)
-            texts.append(prompt)
+        chat = [isinstance(row["prompt"], list) for row in rows]
+        texts = [
+            tok.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True, **self.chat_template_kwargs)
+            if is_chat else row["prompt"]
+            for row, is_chat in zip(rows, chat, strict=True)
+        ]
+        # A chat template writes its own special tokens; plain prompts get the tokenizer's.
+        ids = [encode_prompts(tok, [t], add_special_tokens=not c)[0] for t, c in zip(texts, chat, strict=True)]
+        completions = generate_ids(
+            policy, ids, pad_id=pad_token_id(tok), batch_size=batch_size, eos_token_ids=self.eos_token_ids,
+            generation_config=config,
+        )
         out = []
-        padding_side = tok.padding_side
-        tok.padding_side = "left"
-        try:
-            with eval_mode(policy):
-                for start in range(0, len(texts), batch_size):
-                    chunk = texts[start : start + batch_size]
-                    enc = tok(
-                        chunk,
-                        return_tensors="pt",
-                        padding=True,
-                        add_special_tokens=all(plain[start : start + batch_size]),
-                    )
-                    enc = {k: v.to(self.accelerator.device) for k, v in enc.items()}
-                    generated = policy.generate(**enc, generation_config=config)
-                    decoded = tok.batch_decode(generated[:, enc["input_ids"].size(1) :], skip_special_tokens=True)
-                    per_task = num_dreams // copies
-                    out.extend(decoded[i : i + per_task] * copies for i in range(0, len(decoded), per_task))
-        finally:
-            tok.padding_side = padding_side
+        for per_task in completions:
+            per_task = per_task if sampled and num_dreams > 1 else [per_task] * (1 if sampled else num_dreams)
+            out.append([tok.decode(c, skip_special_tokens=True) for c in per_task])
         return out
 
     def evaluate_dreaming(
@@ -583,8 +541,7 @@ class DreamTrainer(GRPOTrainer):
             tasks,
             seqs,
             before,
-            reward_type="binary",
-            **self._inner_loop_kwargs(),
+            dataclasses.replace(args.inner_loop(), reward_type="binary"),
         )
         return {
             "tau": sum(taus) / len(taus),
@@ -618,9 +575,6 @@ def _short(text: str, width: int) -> str:
 
 def print_dream_table(records: list[dict], step: int) -> None:
     """A rich table of sample dreams: context, dream, importance, selected, tau before/after, reward."""
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=f"Dreams at step {step}", show_lines=True, expand=False)
     for name, style in (
         ("context", "dim"),

@@ -1,7 +1,12 @@
 """GeneralizedDistillationTrainer: the paper's Knowledge Seeding (memory consolidation), on TRL's DistillationTrainer.
 
-The whole objective lives in `_compute_loss` (below, with its two parts `_distillation_loss` and `_imitation_loss`);
-the data each part needs is produced once per generation batch in `_generate_and_score_completions`.
+Where things are:
+- the objective: `_compute_loss` (below) with its two parts `_distillation_loss` and `_imitation_loss`; their pure
+  pieces (generalized JSD, group advantages, clipped policy loss, prefix cuts, imitation rewards) are in
+  `generalized_distillation_objective.py`;
+- the teachers (separate models or views of the student, replay views, sampling, hidden states): `teachers.py`;
+- the data each part of the loss needs is produced once per generation batch in `_generate_and_score_completions`
+  and travels in the batch dict, as in TRL.
 
 What it adds to TRL's (always on-policy, always same-size, single-teacher) `DistillationTrainer`:
 - GKD's mixture of on-policy (student) and off-policy (teacher-sampled or dataset) sequences, `lmbda`;
@@ -19,143 +24,62 @@ from __future__ import annotations
 
 import contextlib
 import random
-import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import is_peft_model
 from trl import DistillationTrainer
 from trl.data_utils import is_conversational
 from trl.kernels import ChunkedLogProbFunction
-from trl.models import prepare_deepspeed
-from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.distillation_trainer import _chunked_divergence_loss
-from trl.trainer.utils import create_model_from_path, pad
+from trl.trainer.utils import pad
 
+from ..assets import resolve_model_path
+from ..generation.vllm_cpu import (
+    attach_vllm_generation,
+    enable_cpu_weight_sync,
+    model_weights,
+    without_trl_engine,
+)
+from ..memory import find_memory
+from ..paper import SLEEP_PAPER
+from ..rewards.semantic import SemanticJudge
 from .generalized_distillation_config import GeneralizedDistillationConfig
-from .paper import SLEEP_PAPER
+from .generalized_distillation_objective import (
+    clipped_policy_loss,
+    cut_prefixes,
+    generalized_jsd,
+    group_advantages,
+    imitation_rewards,
+    logit_scale_of,
+)
+from .teachers import (
+    Teacher,
+    TeacherSet,
+    load_teachers,
+    match_parameters,
+    resolve_view,
+    teacher_sources,
+)
 
 # Vocabulary tile of the chunked log-prob kernel (TRL's own default for the same kernel).
 _LOGPROB_CHUNK = 32768
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Pure functions of the objective (unit-tested against hand-written references)
-# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class _GenerationBatch:
+    """What one generation batch carries from `_generate_and_score_completions` down to `_generate_single_turn`
+    (TRL passes only token ids there): who writes the sequences, the dataset rows, which rows are replayed, the
+    teacher's own prompts, and the teacher samples written for it (reused as imitation targets)."""
 
-
-def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
-    """GRPO advantages for rewards of shape `(num_groups, group_size)`: centred per group, optionally / group std."""
-    centred = rewards - rewards.mean(dim=-1, keepdim=True)
-    if scale:
-        centred = centred / (rewards.std(dim=-1, keepdim=True) + eps)
-    return centred
-
-
-def clipped_policy_loss(
-    logps: torch.Tensor,
-    old_logps: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    epsilon: float,
-    normalizer: torch.Tensor | float,
-) -> torch.Tensor:
-    """PPO/GRPO clipped surrogate, summed over valid tokens and divided by `normalizer` (token count of the batch).
-
-    `logps`, `old_logps`, `mask`: `(N, T)`; `advantages`: `(N,)` (one per sequence, broadcast over its tokens).
-    """
-    ratio = torch.exp(logps - old_logps)
-    adv = advantages.unsqueeze(-1)
-    per_token = -torch.min(ratio * adv, torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * adv)
-    return (per_token * mask).sum() / normalizer
-
-
-def generalized_jsd(
-    student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, beta: float, temperature: float = 1.0
-) -> torch.Tensor:
-    """Per-position generalized JSD between student logits and teacher log-probs (both `(N, V)`), TRL's convention.
-
-    `beta = 0`: KL(teacher || student); `beta = 1`: KL(student || teacher); otherwise
-    `beta * KL(teacher || m) + (1 - beta) * KL(student || m)` with `m = beta * p_teacher + (1 - beta) * p_student`.
-    The teacher log-probs are expected already tempered. Dense: used for the `prob_mean` teacher mixture, which the
-    chunked kernel (a single teacher `hidden @ weight`) cannot express.
-    """
-    log_ps = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_pt = teacher_logprobs.float()
-    if beta == 0.0:
-        return (log_pt.exp() * (log_pt - log_ps)).sum(-1)
-    if beta == 1.0:
-        return (log_ps.exp() * (log_ps - log_pt)).sum(-1)
-    log_m = torch.logaddexp(log_ps + torch.log(torch.tensor(1 - beta)), log_pt + torch.log(torch.tensor(beta)))
-    kl_t = (log_pt.exp() * (log_pt - log_m)).sum(-1)
-    kl_s = (log_ps.exp() * (log_ps - log_m)).sum(-1)
-    return beta * kl_t + (1 - beta) * kl_s
-
-
-def logit_scale_of(config) -> float:
-    """The multiplier a model applies to its logits, under the config names TRL's distillation loss reads."""
-    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
-        value = getattr(config, name, None)
-        if value is not None:
-            return float(value)
-    scaling = getattr(config, "logits_scaling", None)
-    if scaling is not None:
-        return float(scaling) if config.model_type == "hyperclovax" else 1.0 / float(scaling)
-    return 1.0
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Teachers
-# --------------------------------------------------------------------------------------------------------------------
-
-
-class _Teacher:
-    """One teacher: a separate (frozen, prepared) model, or the student itself seen through `view()`."""
-
-    def __init__(
-        self,
-        weight: float,
-        model=None,
-        view: Callable[[], Any] | None = None,
-        name: str = "teacher",
-        replay_view: Callable[[], Any] | None = None,
-    ):
-        self.weight = weight
-        self.model = model  # wrapped/prepared module, or None for a view of the student
-        self.view = view
-        self.replay_view = replay_view  # the view that teaches replayed (old) prompts, for a view teacher
-        self.name = name
-
-    @property
-    def splits_replay(self) -> bool:
-        """Replayed rows need a view of their own (a separate forward/generate call)."""
-        return self.is_view and self.replay_view is not None and self.replay_view is not self.view
-
-    @property
-    def is_view(self) -> bool:
-        return self.model is None
-
-
-def _tokenizer_fingerprint(tokenizer) -> tuple:
-    return (tuple(sorted(tokenizer.get_vocab().items())), tokenizer.eos_token, tokenizer.pad_token)
-
-
-def _match_parameters(model: torch.nn.Module, patterns: Sequence[str]) -> set[str]:
-    names = [n for n, _ in model.named_parameters()]
-    selected: set[str] = set()
-    for pattern in patterns:
-        hits = {n for n in names if n == pattern or re.fullmatch(pattern, n)}
-        if not hits:
-            close = [n for n in names if pattern.split(".")[-1] in n][:5]
-            raise ValueError(
-                f"`trainable_parameters` entry {pattern!r} matches no parameter of the model. Use a full parameter "
-                f"name or a regular expression (re.fullmatch), e.g. {close or names[:3]}."
-            )
-        selected |= hits
-    return selected
+    sampler: str
+    rows: list[dict]
+    replay: list[bool]
+    teacher_prompt_ids: list[list[int]] | None
+    teacher_completions: list[list[int]] | None = field(default=None)
 
 
 class GeneralizedDistillationTrainer(DistillationTrainer):
@@ -224,8 +148,6 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
                 "fields (it extends trl.DistillationConfig)."
             )
         if isinstance(model, str):
-            from ..assets import resolve_model_path
-
             model = resolve_model_path(model)
         self._check_dataset(train_dataset, args, "train_dataset")
         if tools and (args.lmbda < 1.0 or args.alpha < 1.0):
@@ -233,65 +155,32 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
                 "`tools` are only supported for pure on-policy distillation (`lmbda: 1.0`, `alpha: 1.0`): teacher "
                 "samples and imitation rollouts are single-turn."
             )
-
-        teacher_sources = self._teacher_sources(teacher_model, args)
-        if args.use_vllm:
-            from ..generation.vllm_cpu import without_trl_engine
-
-            engine_context = without_trl_engine(args)  # on vLLM's CPU backend we build the engine ourselves
-        else:
-            engine_context = contextlib.nullcontext(False)
+        sources = teacher_sources(teacher_model, args)
+        # On vLLM's CPU backend sleep-trl builds the colocate engine itself (TRL's cannot sync weights there).
+        engine_context = without_trl_engine(args) if args.use_vllm else contextlib.nullcontext(False)
         # TRL's parent rejects any teacher whose vocab_size differs from the student's; the teachers are therefore
         # loaded and prepared here, after the parent's __init__ (same steps as the parent, per teacher).
         with engine_context as deferred_engine:
             super().__init__(
-                model=model,
-                teacher_model=None,
-                args=args,
-                train_dataset=train_dataset,
-                eval_dataset=eval_dataset,
-                processing_class=processing_class,
-                callbacks=callbacks,
-                optimizers=optimizers,
-                quantization_config=quantization_config,
-                peft_config=peft_config,
-                tools=tools,
+                model=model, teacher_model=None, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                processing_class=processing_class, callbacks=callbacks, optimizers=optimizers,
+                quantization_config=quantization_config, peft_config=peft_config, tools=tools,
             )
         self.vocab_size = len(self._tokenizer)
-        self.teachers = self._build_teachers(teacher_sources, args, teacher_view, replay_view)
-        self._has_replay = self._check_replay(train_dataset, args)
-        self.teacher_model = next((t.model for t in self.teachers if not t.is_view), None)
+        if sources:
+            teachers = load_teachers(self, sources, args)
+        else:
+            view, replay = resolve_view(self.model, args, teacher_view, replay_view)
+            teachers = [Teacher(weight=1.0, view=view, replay_view=replay, name="teacher_view")]
+        self.teachers = TeacherSet(self, teachers, has_replay=self._check_replay(train_dataset, args, teachers))
+        self.teacher_model = self.teachers.first_model
         self._check_teacher_heads()
-
-        if args.trainable_parameters is not None:
-            keep = _match_parameters(self.model, args.trainable_parameters)
-            for name, param in self.model.named_parameters():
-                param.requires_grad_(name in keep)
-        # Under ZeRO-3 a parameter's local tensor is an empty shard: `ds_numel` holds its true size.
-        self.num_trainable_parameters = sum(
-            getattr(p, "ds_numel", p.numel()) for p in self.model.parameters() if p.requires_grad
-        )
-        if self.num_trainable_parameters == 0:
-            raise ValueError(
-                "No parameter of the student requires a gradient. Set `trainable_parameters`, pass a `peft_config`, "
-                "or expand a continuum memory slot before training."
-            )
-
+        self.num_trainable_parameters = self._set_trainable(args.trainable_parameters)
         self.semantic_judge = semantic_judge
         if self.semantic_judge is None and args.alpha < 1.0 and args.gamma > 0.0:
-            from ..rewards.semantic import SemanticJudge
-
             self.semantic_judge = SemanticJudge(args.semantic_judge, threshold=args.semantic_threshold)
-
         self._generation_round = 0
-        self._sampler = "student"  # who writes the current batch's distillation sequences
-        self._batch_inputs: list[dict] | None = None
-        self._batch_teacher_prompt_ids: list[list[int]] | None = None
-        self._batch_replay: list[bool] = []  # per row of the current batch: taught by the replay view
-        self._last_teacher_completions: list[list[int]] | None = None
-        self._loss_parts: dict[str, torch.Tensor] = {}
-        self._concat_teacher_head: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        self._teacher_engines: dict[int, Any] = {}
+        self._batch: _GenerationBatch | None = None
         if deferred_engine or (self.use_vllm and args.vllm_mode == "colocate"):
             self._setup_vllm(deferred_engine)
         self._suppress_padded_vocab()
@@ -314,125 +203,33 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
             )
 
     @staticmethod
-    def _teacher_sources(teacher_model, args: GeneralizedDistillationConfig) -> list:
-        if teacher_model is not None:
-            sources = list(teacher_model) if isinstance(teacher_model, (list, tuple)) else [teacher_model]
-        elif args.teachers:
-            sources = list(args.teachers)
-        elif args.teacher_model_name_or_path is not None:
-            sources = [args.teacher_model_name_or_path]
-        else:
-            sources = []
-        if args.teacher_weights is not None and sources and len(args.teacher_weights) != len(sources):
-            raise ValueError(
-                f"`teacher_weights` has {len(args.teacher_weights)} entries but {len(sources)} teachers were given."
-            )
-        if sources and args.teacher_view is not None:
-            raise ValueError(
-                f"Both a teacher model and `teacher_view: {args.teacher_view}` were given: choose a separate teacher "
-                "or Self-Knowledge Seeding through a view, not both."
-            )
-        return sources
-
-    def _resolve_view(self, args: GeneralizedDistillationConfig, teacher_view, replay_view):
-        """The teacher view and the replay view (who teaches rows marked in `replay_column`)."""
-        if teacher_view is not None:
-            return teacher_view, replay_view
-        student = self.model
-        if args.teacher_view == "self":
-            return contextlib.nullcontext, contextlib.nullcontext
-        if args.teacher_view == "disable_adapter":
-            if not is_peft_model(student):
-                raise ValueError("`teacher_view: disable_adapter` needs a PEFT student (pass a `peft_config`).")
-            view = student.disable_adapter  # one bound method for both: replayed rows need no separate call
-            return view, view
-        try:
-            from ..memory import find_memory
-        except ImportError:  # pragma: no cover - memory package absent
-            find_memory = None
-        memory = find_memory(student) if find_memory is not None else None
-        if memory is not None:
-            # Replayed old knowledge is taught by the long-term memory as it was before this sleep: the levels the
-            # student has suspended (the awake fast level, which may have overwritten old answers) stay silent.
-            return memory.teacher_view, lambda: memory.teacher_view(suspend=set(memory.state.suspended))
-        if args.teacher_view == "memory":
-            raise ValueError(
-                "`teacher_view: memory` needs a continuum memory attached to the student "
-                "(`sleep_trl.memory.attach_memory`) and expanded once."
-            )
-        raise ValueError(
-            "No teacher: give `teacher_model` (or `teacher_model_name_or_path` / `teachers` in the config), or a "
-            "`teacher_view` for Self-Knowledge Seeding, or attach a continuum memory to the student."
-        )
-
-    def _build_teachers(
-        self, sources: list, args: GeneralizedDistillationConfig, teacher_view, replay_view
-    ) -> list[_Teacher]:
-        if not sources:
-            view, replay = self._resolve_view(args, teacher_view, replay_view)
-            return [_Teacher(weight=1.0, view=view, replay_view=replay, name="teacher_view")]
-        from transformers import AutoTokenizer
-
-        weights = args.teacher_weights or [1.0] * len(sources)
-        total = float(sum(weights))
-        init_kwargs = dict(args.teacher_model_init_kwargs or {})
-        if args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED"]:
-            init_kwargs["device_map"] = None
-        init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-        if args.teacher_model_revision is not None:
-            init_kwargs.setdefault("revision", args.teacher_model_revision)
-        student_fp = _tokenizer_fingerprint(self._tokenizer)
-        teachers = []
-        for index, source in enumerate(sources):
-            if isinstance(source, str):
-                from ..assets import resolve_model_path
-
-                path = resolve_model_path(source)
-                teacher_tok = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
-                model = create_model_from_path(path, **init_kwargs)
-                name = Path(path).name
-            else:
-                model, name = source, getattr(source.config, "_name_or_path", f"teacher{index}") or f"teacher{index}"
-                teacher_tok = None
-                if name and Path(name, "tokenizer_config.json").exists():
-                    teacher_tok = AutoTokenizer.from_pretrained(name)
-            if teacher_tok is not None and _tokenizer_fingerprint(teacher_tok) != student_fp:
-                raise ValueError(
-                    f"Teacher {name!r} uses a different tokenizer from the student. Knowledge Seeding compares "
-                    "next-token distributions over one vocabulary, so every teacher must share the student's tokenizer "
-                    "(embedding tables padded to different sizes are fine)."
-                )
-            model.eval()
-            for p in model.parameters():
-                p.requires_grad_(False)
-            if self.is_deepspeed_enabled:
-                prepared = prepare_deepspeed(model, self.accelerator)
-            else:
-                prepared = self.accelerator.prepare_model(model, evaluation_mode=True)
-            teachers.append(_Teacher(weight=weights[index] / total, model=prepared, name=name))
-        if len(teachers) > 1 and args.teacher_combination == "logit_mean":
-            for t in teachers:
-                cfg = self.accelerator.unwrap_model(t.model).config.get_text_config()
-                if getattr(cfg, "final_logit_softcapping", None) is not None:
-                    raise ValueError(
-                        f"Teacher {t.name!r} soft-caps its logits, which `teacher_combination: logit_mean` cannot fold "
-                        "into one projection. Use `teacher_combination: prob_mean`."
-                    )
-        return teachers
-
-    def _check_replay(self, dataset, args: GeneralizedDistillationConfig) -> bool:
+    def _check_replay(dataset, args: GeneralizedDistillationConfig, teachers: list[Teacher]) -> bool:
         """Whether the dataset marks replayed rows (refused unless a single teacher view can teach them)."""
         columns = getattr(dataset, "column_names", None) or []
         if args.replay_column not in columns or not any(dataset[args.replay_column]):
             return False
-        teacher = self.teachers[0]
-        if len(self.teachers) > 1 or not teacher.is_view or teacher.replay_view is None:
+        if len(teachers) > 1 or not teachers[0].is_view or teachers[0].replay_view is None:
             raise ValueError(
                 f"The dataset marks rows in `{args.replay_column}`, which are taught by a replay view of the student; "
                 "that needs a single teacher view (`teacher_view: memory`, `disable_adapter`, `self`, or a "
                 "`teacher_view` callable with a `replay_view`). Drop the column to teach every row alike."
             )
         return True
+
+    def _set_trainable(self, patterns) -> int:
+        """Apply `trainable_parameters` (when given) and return the number of trainable elements (> 0)."""
+        if patterns is not None:
+            keep = match_parameters(self.model, patterns)
+            for name, param in self.model.named_parameters():
+                param.requires_grad_(name in keep)
+        # Under ZeRO-3 a parameter's local tensor is an empty shard: `ds_numel` holds its true size.
+        count = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters() if p.requires_grad)
+        if count == 0:
+            raise ValueError(
+                "No parameter of the student requires a gradient. Set `trainable_parameters`, pass a `peft_config`, "
+                "or expand a continuum memory slot before training."
+            )
+        return count
 
     def _head_rows(self, module) -> int:
         return self.accelerator.unwrap_model(module).config.get_text_config().vocab_size
@@ -481,14 +278,12 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
         A student carrying a continuum memory is served as its dense fold (`mem.export_dense`: every fixed-gate
         expert becomes extra FFN neurons), and each sync pushes `mem.dense_state_dict()`, so the engine computes
         exactly what the student computes (the fast level suspended, the new expert on)."""
-        from ..generation.vllm_cpu import attach_vllm_generation, enable_cpu_weight_sync
-
         args = self.args
         group = args.num_imitation_generations if args.alpha < 1.0 else 1
         kwargs: dict[str, Any] = {
             "max_num_seqs": args.per_device_train_batch_size * args.gradient_accumulation_steps * group
         }
-        memory = self._memory()
+        memory = find_memory(self.model)
         if memory is not None:
             routed = [lv.name for lv in memory.config.levels if lv.resolved_gate != "fixed"]
             if routed:
@@ -510,21 +305,12 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
         if memory is not None:
             generation.weights_fn = lambda: memory.dense_state_dict().items()
 
-    def _memory(self):
-        try:
-            from ..memory import find_memory
-        except ImportError:  # pragma: no cover
-            return None
-        return find_memory(self.model)
-
-    def _engine_weights(self):
+    def engine_weights(self):
         """Checkpoint-format weights the vLLM engine serves for the model as it computes right now (so, read inside
         a teacher view, the teacher's)."""
-        memory = self._memory()
+        memory = find_memory(self.model)
         if memory is not None:
             return list(memory.dense_state_dict().items())
-        from ..generation.vllm_cpu import model_weights
-
         return list(model_weights(self.accelerator.unwrap_model(self.model)))
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -536,49 +322,53 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
         # index enters only where per-rank draws are wanted.
         return random.Random((self.args.seed * 1_000_003 + self._generation_round) * 7919 + salt)
 
+    def _choose_sampler(self, training: bool) -> str:
+        """Who writes this generation batch's distillation sequences: `student`, `teacher` or `dataset`."""
+        args = self.args
+        if not training:
+            return "student"
+        if args.alpha == 0.0:
+            # Pure imitation: the distillation term is off, so the batch's sequences are the teacher samples the
+            # imitation term needs anyway (one generation pass fewer).
+            return "teacher" if args.seq_kd else "dataset"
+        on_policy = self._round_rng(0).random() < args.lmbda
+        return "student" if on_policy else ("teacher" if args.seq_kd else "dataset")
+
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         args = self.args
         training = self.model.training
         self._generation_round += 1
-        if not training:
-            self._sampler = "student"
-        elif args.alpha == 0.0:
-            # Pure imitation: the distillation term is off, so the batch's sequences are the teacher samples the
-            # imitation term needs anyway (one generation pass fewer).
-            self._sampler = "teacher" if args.seq_kd else "dataset"
-        else:
-            on_policy = self._round_rng(0).random() < args.lmbda
-            self._sampler = "student" if on_policy else ("teacher" if args.seq_kd else "dataset")
         mode = "train" if training else "eval"
-        self._metrics[mode]["distill/on_policy"].append(float(self._sampler == "student"))
-
-        self._batch_inputs = inputs
-        self._batch_replay = [bool(x.get(args.replay_column) or False) for x in inputs]
-        self._last_teacher_completions = None
         column = args.teacher_prompt_column
+        teacher_prompt_ids = None
         if column in inputs[0] and inputs[0][column] is not None:
-            self._batch_teacher_prompt_ids = self._tokenize_prompts([x[column] for x in inputs])[0]
-        else:
-            self._batch_teacher_prompt_ids = None
-
-        output = super()._generate_and_score_completions(inputs)
-        prompt_ids = [ids[m.bool()].tolist() for ids, m in zip(output["prompt_ids"], output["prompt_mask"])]
-
-        if self._has_replay:  # on every rank (ZeRO-3 ranks must run the same teacher forwards)
-            output["replay_mask"] = torch.tensor(self._batch_replay, device=self.accelerator.device)
-        if self._batch_teacher_prompt_ids is not None:
-            device = self.accelerator.device
-            tp = [torch.tensor(ids) for ids in self._batch_teacher_prompt_ids]
+            teacher_prompt_ids = self._tokenize_prompts([x[column] for x in inputs])[0]
+        batch = _GenerationBatch(
+            sampler=self._choose_sampler(training),
+            rows=inputs,
+            replay=[bool(x.get(args.replay_column) or False) for x in inputs],
+            teacher_prompt_ids=teacher_prompt_ids,
+        )
+        self._metrics[mode]["distill/on_policy"].append(float(batch.sampler == "student"))
+        self._batch = batch
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._batch = None
+        device = self.accelerator.device
+        if self.teachers.has_replay:  # on every rank (ZeRO-3 ranks must run the same teacher forwards)
+            output["replay_mask"] = torch.tensor(batch.replay, device=device)
+        if teacher_prompt_ids is not None:
+            tp = [torch.tensor(ids) for ids in teacher_prompt_ids]
             output["teacher_prompt_ids"] = pad(tp, self._tokenizer.pad_token_id, padding_side="left").to(device)
-            output["teacher_prompt_mask"] = pad(
-                [torch.ones_like(t) for t in tp], 0, padding_side="left"
-            ).to(device)
-
+            output["teacher_prompt_mask"] = pad([torch.ones_like(t) for t in tp], 0, padding_side="left").to(device)
         if args.alpha < 1.0:
-            targets = self._last_teacher_completions
+            prompt_ids = [ids[m.bool()].tolist() for ids, m in zip(output["prompt_ids"], output["prompt_mask"])]
+            targets = batch.teacher_completions
             if targets is None:  # on-policy batch: the imitation term still needs teacher data
                 targets = (
-                    self._dataset_completions(prompt_ids) if not args.seq_kd else self._teacher_generate(prompt_ids)
+                    self._teacher_samples(prompt_ids, batch) if args.seq_kd
+                    else self._dataset_completions(prompt_ids, batch.rows)
                 )
             output.update(self._imitation_rollouts(prompt_ids, targets, mode))
         return output
@@ -586,20 +376,30 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
         # The parent calls this to write the distillation sequences; off-policy batches are written by the teacher or
         # taken from the dataset instead of the student.
-        if self._sampler == "teacher":
-            completions = self._teacher_generate(prompt_ids)
-        elif self._sampler == "dataset":
-            completions = self._dataset_completions(prompt_ids)
-        else:
+        batch = self._batch
+        if batch is None or batch.sampler == "student":
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
-        self._last_teacher_completions = completions
+        if batch.sampler == "teacher":
+            completions = self._teacher_samples(prompt_ids, batch)
+        else:
+            completions = self._dataset_completions(prompt_ids, batch.rows)
+        batch.teacher_completions = completions
         return completions
 
-    def _dataset_completions(self, prompt_ids: list[list[int]]) -> list[list[int]]:
+    def _teacher_samples(self, prompt_ids: list[list[int]], batch: _GenerationBatch | None = None):
+        """Teacher samples for the batch's prompts (its `teacher_prompt`s when it has them), each prompt written by
+        one teacher drawn with `teacher_weights`, replayed rows by the replay view."""
+        if batch is not None and batch.teacher_prompt_ids is not None:
+            prompt_ids = batch.teacher_prompt_ids
+        replay = batch.replay if batch is not None and len(batch.replay) == len(prompt_ids) else None
+        rng = self._round_rng(1 + self.accelerator.process_index)
+        return self.teachers.sample(prompt_ids, replay or [False] * len(prompt_ids), rng)
+
+    def _dataset_completions(self, prompt_ids: list[list[int]], rows: list[dict]) -> list[list[int]]:
         """Token ids of the batch's `completion` column, as the chat template renders them after the prompt."""
         out = []
         tok = self._tokenizer
-        for example, p_ids in zip(self._batch_inputs, prompt_ids, strict=True):
+        for example, p_ids in zip(rows, prompt_ids, strict=True):
             completion = example["completion"]
             if is_conversational(example):
                 full = self.processing_class.apply_chat_template(
@@ -633,153 +433,21 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
             if vllm is not None:
                 vllm.max_completion_length = old_vllm
 
-    def _hf_generate(self, model, prompt_ids: list[list[int]]) -> list[list[int]]:
-        """Sample with `transformers.generate` from `model` (a teacher, or the student in a view).
-
-        Mirrors the transformers path of TRL's `_generate_single_turn`, which is bound to the student.
-        """
-        if not prompt_ids:
-            return []
-        device = self.accelerator.device
-        prompts = [torch.tensor(ids) for ids in prompt_ids]
-        input_ids = pad(prompts, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device)
-        attention_mask = pad([torch.ones_like(p) for p in prompts], padding_value=0, padding_side="left").to(device)
-        with (
-            unwrap_model_for_generation(
-                model,
-                self.accelerator,
-                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
-                generation_kwargs=self.generation_kwargs,
-            ) as unwrapped,
-            torch.no_grad(),
-        ):
-            was_training = unwrapped.training
-            unwrapped.eval()
-            try:
-                out = unwrapped.generate(
-                    input_ids=input_ids, attention_mask=attention_mask, generation_config=self.generation_config
-                )
-            finally:
-                unwrapped.train(was_training)
-        completions = out[:, input_ids.size(1) :].cpu()
-        result = []
-        eos = set(self.eos_token_ids)
-        for row in completions.tolist():
-            cut = next((i for i, t in enumerate(row) if t in eos), None)
-            result.append(row if cut is None else row[: cut + 1])
-        return result
-
-    def _teacher_generate(self, prompt_ids: list[list[int]]) -> list[list[int]]:
-        """Teacher samples for the batch: each prompt is written by one teacher, drawn with `teacher_weights`."""
-        if self._batch_teacher_prompt_ids is not None:
-            prompt_ids = self._batch_teacher_prompt_ids
-        rng = self._round_rng(1 + self.accelerator.process_index)
-        weights = [t.weight for t in self.teachers]
-        assignment = [rng.choices(range(len(self.teachers)), weights=weights)[0] for _ in prompt_ids]
-        replay = self._batch_replay if len(self._batch_replay) == len(prompt_ids) else [False] * len(prompt_ids)
-        completions: list[list[int] | None] = [None] * len(prompt_ids)
-        groups = [(index, flag) for index, teacher in enumerate(self.teachers)
-                  for flag in ((False, True) if teacher.splits_replay and self._has_replay else (None,))]
-        for index, flag in groups:
-            teacher = self.teachers[index]
-            rows = [i for i, a in enumerate(assignment) if a == index and (flag is None or replay[i] == flag)]
-            # Every rank must enter the same generate calls under ZeRO-3 (parameters are gathered collectively).
-            if not rows and not self.is_deepspeed_enabled:
-                continue
-            batch = [prompt_ids[i] for i in rows] or [prompt_ids[0]]
-            view = teacher.replay_view if flag else teacher.view
-            if self.use_vllm:
-                generated = self._vllm_teacher_generate(index, teacher, batch, view)
-            elif teacher.is_view:
-                with view():
-                    generated = self._hf_generate(self.model_wrapped, batch)
-            else:
-                generated = self._hf_generate(teacher.model, batch)
-            for i, ids in zip(rows, generated):
-                completions[i] = ids
-        return completions  # type: ignore[return-value]
-
-    def _vllm_sampling(self) -> dict[str, Any]:
-        vllm = self.vllm_generation
-        return dict(
-            max_tokens=vllm.max_completion_length, temperature=self.temperature, top_p=self.top_p,
-            top_k=self.top_k or 0, min_p=self.min_p or 0.0, repetition_penalty=self.repetition_penalty,
-            stop_token_ids=list(self.eos_token_ids), **dict(vllm.generation_kwargs),
-        )
-
-    def _vllm_teacher_generate(self, index: int, teacher: _Teacher, prompt_ids: list[list[int]], view=None):
-        """Teacher samples through vLLM: a view of the student is swapped into the student's engine (no second copy
-        of the weights); a separate teacher checkpoint gets a frozen engine of its own, built on first use."""
-        sampling = self._vllm_sampling()
-        if teacher.is_view:
-            if self.state.global_step != self._last_loaded_step:
-                self.vllm_generation.sync_weights()
-                self._last_loaded_step = self.state.global_step
-
-            def teacher_weights():
-                with (view or teacher.view)():
-                    return self._engine_weights()
-
-            with self.vllm_generation.weights_swapped(teacher_weights):
-                return self.vllm_generation.generate_token_ids(prompt_ids, **sampling)
-        if index not in self._teacher_engines:
-            from ..generation.vllm_cpu import TeacherEngine
-
-            unwrapped = self.accelerator.unwrap_model(teacher.model)
-            path = getattr(unwrapped, "name_or_path", None)
-            if not path or not Path(path, "config.json").exists():
-                raise ValueError(
-                    f"`use_vllm` samples teacher {teacher.name!r} with an engine of its own, built from its checkpoint "
-                    "folder, but the model has none. Pass the teacher as a path, or `save_pretrained` it first."
-                )
-            self._teacher_engines[index] = TeacherEngine(
-                path, max_num_seqs=self.vllm_generation.max_num_seqs, max_model_len=self.args.vllm_max_model_length,
-                seed=self.args.seed,
-            )
-        return self._teacher_engines[index].generate(prompt_ids, **sampling)
-
     def _imitation_rollouts(self, prompt_ids, targets, mode: str) -> dict[str, torch.Tensor]:
         """Learning to Imitate: cut teacher samples at random prefixes, let the student continue, reward, advantage."""
         args = self.args
         G = args.num_imitation_generations
         device = self.accelerator.device
         rng = self._round_rng(10_000 + self.accelerator.process_index)
-        prefixes, suffixes = [], []
-        for p_ids, target in zip(prompt_ids, targets, strict=True):
-            n = len(target)
-            lo = int(n * args.imitation_min_prefix)
-            hi = min(max(lo, int(n * args.imitation_max_prefix)), max(n - 1, 0))
-            cut = rng.randint(min(lo, hi), hi) if n > 0 else 0
-            prefixes.append(list(p_ids) + list(target[:cut]))
-            suffixes.append(list(target[cut:]))
-        longest = max(1, max(len(s) for s in suffixes))
+        prefixes, suffixes = cut_prefixes(prompt_ids, targets, rng, args.imitation_min_prefix, args.imitation_max_prefix)
         rollout_prompts = [p for p in prefixes for _ in range(G)]
-        sampler, self._sampler = self._sampler, "student"
-        try:
-            with self._max_new_tokens(longest):
-                continuations = super()._generate_single_turn(rollout_prompts, None, {})
-        finally:
-            self._sampler = sampler
-
+        with self._max_new_tokens(max(1, max(len(s) for s in suffixes))):
+            continuations = super()._generate_single_turn(rollout_prompts, None, {})
         refs = [s for s in suffixes for _ in range(G)]
-        from ..rewards.edit_distance import edit_similarity
-
-        decode = self._tokenizer.decode
-        if args.edit_distance_unit == "char":
-            r_abs = [
-                edit_similarity(decode(c, skip_special_tokens=True), decode(r, skip_special_tokens=True),
-                                args.max_edit_distance)
-                for c, r in zip(continuations, refs)
-            ]
-        else:
-            r_abs = [edit_similarity(c, r, args.max_edit_distance) for c, r in zip(continuations, refs)]
-        if args.gamma > 0.0:
-            r_sem = self.semantic_judge(
-                [decode(c, skip_special_tokens=True) for c in continuations],
-                [decode(r, skip_special_tokens=True) for r in refs],
-            )
-        else:
-            r_sem = [0.0] * len(continuations)
+        r_abs, r_sem = imitation_rewards(
+            continuations, refs, gamma=args.gamma, decode=lambda ids: self._tokenizer.decode(ids, skip_special_tokens=True),
+            judge=self.semantic_judge, max_edit_distance=args.max_edit_distance, unit=args.edit_distance_unit,
+        )
         r_abs_t = torch.tensor(r_abs, dtype=torch.float32, device=device)
         r_sem_t = torch.tensor(r_sem, dtype=torch.float32, device=device)
         rewards = args.gamma * r_sem_t + (1 - args.gamma) * r_abs_t
@@ -818,13 +486,17 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
-        for key, value in self._loss_parts.items():
+        # `_compute_loss` runs inside the DDP/FSDP-wrapped forward; its parts are gathered here, outside it.
+        for key, value in inputs.pop("loss_parts", {}).items():
             self._metrics[mode][key].append(self.accelerator.gather_for_metrics(value.reshape(1)).mean().item())
         self._metrics[mode]["trainable_parameters"].append(float(self.num_trainable_parameters))
         return result
 
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
-        """J = (1 - alpha) E[r] - alpha D(teacher || student): minimise alpha * D + (1 - alpha) * imitation loss."""
+        """J = (1 - alpha) E[r] - alpha D(teacher || student): minimise alpha * D + (1 - alpha) * imitation loss.
+
+        Returns TRL's `(loss, entropy_sum, num_valid_tokens)`; the detached parts go back in `inputs["loss_parts"]`
+        for logging."""
         alpha = self.args.alpha
         device = inputs["prompt_ids"].device
         loss = torch.zeros((), device=device)
@@ -839,54 +511,11 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
             imitation = self._imitation_loss(unwrapped_student, inputs)
             loss = loss + (1 - alpha) * imitation
             parts["imitation/loss"] = imitation.detach()
-        self._loss_parts = parts
+        inputs["loss_parts"] = parts
         return loss, entropy_sum, n_valid
 
     def _head(self, module, sliced: bool):
-        head = module.get_output_embeddings()
-        weight, bias = head.weight, head.bias
-        if sliced:
-            weight = weight[: self.vocab_size]
-            bias = bias[: self.vocab_size] if bias is not None else None
-        return weight, bias
-
-    def _teacher_hidden(
-        self, teacher: _Teacher, unwrapped_student, input_ids, attention_mask, logits_to_keep, replay_mask=None
-    ):
-        with torch.no_grad():
-            split = teacher.splits_replay and replay_mask is not None
-            if split and (bool(replay_mask.any()) or self.is_deepspeed_enabled):
-                # Rows marked as replay are taught by the replay view, the others by the teacher view. Under ZeRO-3
-                # every rank runs both forwards (parameters are gathered collectively): an empty group runs on
-                # row 0 and is discarded.
-                out = None
-                for flag, view in ((False, teacher.view), (True, teacher.replay_view)):
-                    rows = (replay_mask == flag).nonzero().squeeze(-1)
-                    if rows.numel() == 0 and not self.is_deepspeed_enabled:
-                        continue
-                    run = rows if rows.numel() else rows.new_zeros(1)
-                    with view():
-                        h = self._get_last_hidden_state(
-                            unwrapped_student, input_ids[run], attention_mask[run], logits_to_keep
-                        )
-                    if out is None:
-                        out = h.new_zeros((input_ids.size(0), *h.shape[1:]))
-                    if rows.numel():
-                        out[rows] = h
-                return out
-            if teacher.is_view:
-                with teacher.view():
-                    return self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, logits_to_keep)
-            unwrapped = self.accelerator.unwrap_model(teacher.model)
-            unwrapped.eval()
-            # Through the teacher's own wrapper, so DeepSpeed/FSDP materialise its sharded parameters.
-            return self._forward_redirection(
-                teacher.model, unwrapped, self._get_last_hidden_state, unwrapped, input_ids, attention_mask,
-                logits_to_keep,
-            )
-
-    def _teacher_module(self, teacher: _Teacher, unwrapped_student):
-        return unwrapped_student if teacher.is_view else self.accelerator.unwrap_model(teacher.model)
+        return self.teachers.head(module, sliced, self.vocab_size)
 
     def _distillation_loss(self, student, inputs, num_items_in_batch):
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
@@ -900,8 +529,7 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
             t_ids, t_mask = input_ids, attention_mask
         K = completion_ids.size(1)
         h_s = self._get_last_hidden_state(student, input_ids, attention_mask, K)
-        replay_mask = inputs.get("replay_mask")
-        h_ts = [self._teacher_hidden(t, student, t_ids, t_mask, K, replay_mask) for t in self.teachers]
+        h_ts = self.teachers.hidden_states(student, t_ids, t_mask, K, inputs.get("replay_mask"))
         sliced = self._needs_vocab_slice
         w_s, b_s = self._head(student, sliced)
         s_cfg = student.config.get_text_config()
@@ -910,7 +538,7 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
         loss_mask = loss_mask.to(w_s.device)
 
         if len(self.teachers) == 1:
-            module = self._teacher_module(self.teachers[0], student)
+            module = self.teachers.module(self.teachers[0], student)
             w_t, b_t = self._head(module, sliced)
             t_cfg = module.config.get_text_config()
             return _chunked_divergence_loss(
@@ -927,11 +555,8 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
             # one projection of concatenated hidden states through concatenated heads, which TRL's chunked kernel
             # evaluates without materialising vocabulary-sized logits. The teachers are frozen, so the concatenated
             # head is built once.
-            scales = [
-                t.weight * logit_scale_of(self._teacher_module(t, student).config.get_text_config())
-                for t in self.teachers
-            ]
-            w_t, b_t = self._concatenated_teacher_head(student, scales)
+            scales = self.teachers.logit_scales(student)
+            w_t, b_t = self.teachers.concatenated_head(student, scales, self.vocab_size)
             h_t = torch.cat([s * h.to(w_t.device) for s, h in zip(scales, h_ts)], dim=-1)
             return _chunked_divergence_loss(
                 h_s, h_t, w_s, w_t, loss_mask, self.beta, num_items_in_batch=num_items_in_batch,
@@ -939,17 +564,6 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
                 student_final_logit_softcapping=s_cap, temperature=self.temperature,
             )
         return self._prob_mean_loss(student, h_s, h_ts, w_s, b_s, s_scale, s_cap, loss_mask, num_items_in_batch)
-
-    def _concatenated_teacher_head(self, student, scales):
-        if self._concat_teacher_head is None:
-            weights, bias = [], None
-            for t, s in zip(self.teachers, scales):
-                w, b = self._head(self._teacher_module(t, student), sliced=True)
-                weights.append(w.detach())
-                if b is not None:
-                    bias = s * b.detach() if bias is None else bias + s * b.detach()
-            self._concat_teacher_head = (torch.cat(weights, dim=-1), bias)
-        return self._concat_teacher_head
 
     def _prob_mean_loss(self, student, h_s, h_ts, w_s, b_s, s_scale, s_cap, loss_mask, num_items_in_batch):
         """Mixture of teacher probabilities: dense over the valid positions of this micro-batch."""
@@ -960,7 +574,7 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
         mix = None
         with torch.no_grad():
             for t, h in zip(self.teachers, h_ts):
-                module = self._teacher_module(t, student)
+                module = self.teachers.module(t, student)
                 w_t, b_t = self._head(module, sliced=True)
                 cfg = module.config.get_text_config()
                 z_t = F.linear(h.reshape(-1, h.size(-1))[valid].to(w_t.device), w_t, b_t) * logit_scale_of(cfg)

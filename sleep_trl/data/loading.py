@@ -1,16 +1,16 @@
-"""Dataset loading shared by the jobs: local files and folders, the embedded world, or a Hub dataset."""
+"""Dataset loading shared by the jobs: local files and folders, or a Hub dataset (TRL's `dataset_name`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from datasets import DatasetDict, load_dataset, load_from_disk
 
 _FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
 def load_named_dataset(name: str, split: str = "train", config: str | None = None):
     """`name` is a local data file (json/jsonl/csv/parquet), a folder saved with `save_to_disk`, or a Hub dataset."""
-    from datasets import DatasetDict, load_dataset, load_from_disk
-
     path = Path(name)
     if path.suffix in _FILE_FORMATS and path.exists():
         return load_dataset(_FILE_FORMATS[path.suffix], data_files=str(path), split="train")

@@ -1,4 +1,5 @@
-"""The closed-book QA harness on a real (tiny, randomly initialised) causal LM: batching, prompts, scoring."""
+"""Closed-book QA (the one path of the evaluation and of tau) on a real (tiny, randomly initialised) causal LM:
+batching, prompts, scoring, several references, and tau asking exactly as the accuracy matrix does."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 
 from sleep_trl.data import make_world
-from sleep_trl.eval import AccuracyMatrix, build_prompts, evaluate_qa, generate_greedy, score_predictions
+from sleep_trl.dreaming.tau import NoContextQA
+from sleep_trl.eval import AccuracyMatrix, ClosedBookQA, evaluate_qa
 from sleep_trl.tiny import cached_tiny
 
 MAX_NEW = 8
@@ -46,15 +48,30 @@ def _reference(model, tokenizer, prompts):
     return out
 
 
+def build_prompts(tokenizer, questions, **qa_kwargs):
+    return ClosedBookQA(**qa_kwargs).prompts(tokenizer, ({"question": q} for q in questions))
+
+
 def test_scores_on_hand_written_strings():
     preds = ["Varnholt lives in Quinmere.", "Quinmeres", "The Quinmere!", "plum cake today", "no idea"]
-    answers = ["Quinmere", "Quinmere", "quinmere", "plum cake", "plum cake"]
-    assert score_predictions(preds, answers, "contains") == [1.0, 0.0, 1.0, 1.0, 0.0]
-    assert score_predictions(preds, answers, "exact") == [0.0, 0.0, 1.0, 0.0, 0.0]
+    answers = [["Quinmere"], ["Quinmere"], ["quinmere"], ["plum cake"], ["plum cake"]]
+    assert ClosedBookQA(metric="contains").score(preds, answers) == [1.0, 0.0, 1.0, 1.0, 0.0]
+    assert ClosedBookQA(metric="exact_match").score(preds, answers) == [0.0, 0.0, 1.0, 0.0, 0.0]
     # "plum cake today" vs "plum cake": precision 2/3, recall 1 -> F1 = 0.8
-    assert score_predictions(preds, answers, "f1") == pytest.approx([2 / 5, 0.0, 1.0, 0.8, 0.0])
+    assert ClosedBookQA(metric="f1").score(preds, answers) == pytest.approx([2 / 5, 0.0, 1.0, 0.8, 0.0])
     with pytest.raises(ValueError, match="metric"):
-        score_predictions(preds, answers, "bleu")
+        ClosedBookQA(metric="bleu")
+
+
+def test_several_references_score_the_best_of_them():
+    """SQuAD's rule: a prediction is scored against each accepted answer and keeps the best score."""
+    refs = [["Denver Broncos", "Broncos"], ["Santa Clara, California", "Levi's Stadium"]]
+    preds = ["the Broncos", "Levi's Stadium in Santa Clara"]
+    assert ClosedBookQA(metric="exact_match").score(preds, refs) == [1.0, 0.0]
+    assert ClosedBookQA(metric="contains").score(preds, refs) == [1.0, 1.0]
+    # F1 of "levis stadium in santa clara" against "levis stadium" (2/5 precision, recall 1) and against "santa
+    # clara california" (2/5 precision, 2/3 recall): the best is 4/7.
+    assert ClosedBookQA(metric="f1").score(preds, refs) == pytest.approx([1.0, 4 / 7])
 
 
 def test_batched_left_padded_generation_matches_one_prompt_at_a_time(tiny, world):
@@ -65,15 +82,11 @@ def test_batched_left_padded_generation_matches_one_prompt_at_a_time(tiny, world
     assert len(lengths) > 2  # the batch really needs padding
     reference = _reference(model, tokenizer, prompts)
     assert any(reference)
-    batched = generate_greedy(
-        model, tokenizer, prompts, batch_size=4, max_new_tokens=MAX_NEW, add_special_tokens=False
-    )
+    batched = ClosedBookQA(batch_size=4, max_new_tokens=MAX_NEW).answer(model, tokenizer, prompts)
     assert batched == reference
-    tokenizer.padding_side = "right"  # the harness pads by itself: the tokenizer's setting cannot matter
+    tokenizer.padding_side = "right"  # the QA path pads by itself: the tokenizer's setting cannot matter
     try:
-        again = generate_greedy(
-            model, tokenizer, prompts, batch_size=7, max_new_tokens=MAX_NEW, add_special_tokens=False
-        )
+        again = ClosedBookQA(batch_size=7, max_new_tokens=MAX_NEW).answer(model, tokenizer, prompts)
     finally:
         tokenizer.padding_side = "left"
     assert again == reference
@@ -98,7 +111,7 @@ def test_evaluate_qa_scores_what_the_model_said(tiny, world):
     assert result.accuracy == pytest.approx(sum(expected) / len(expected))
     assert [r["fact_id"] for r in result.records] == [r["fact_id"] for r in rows]  # other columns kept, in order
     exact = evaluate_qa(
-        model, tokenizer, [{"question": rows[0]["question"], "answer": reference[0]}], metric="exact",
+        model, tokenizer, [{"question": rows[0]["question"], "answer": reference[0]}], metric="exact_match",
         max_new_tokens=MAX_NEW,
     )
     assert exact.accuracy == 1.0
@@ -114,7 +127,7 @@ def test_prompts_follow_the_chat_template_or_the_plain_layout(tiny):
     assert plain == "Question: Who founded Jorick Company?\nAnswer:"
     custom = build_prompts(tokenizer, ["Q?"], use_chat_template=False, prompt_template="Q: {question} A:")[0]
     assert custom == "Q: Q? A:"
-    with pytest.raises(ValueError, match="question"):
+    with pytest.raises(ValueError, match="placeholder"):
         build_prompts(tokenizer, ["Q?"], prompt_template="no placeholder")
     template, tokenizer.chat_template = tokenizer.chat_template, None
     try:
@@ -129,8 +142,10 @@ def test_bad_rows_and_metric_fail_before_generating(tiny):
     model, tokenizer = tiny
     with pytest.raises(ValueError, match="metric"):
         evaluate_qa(None, tokenizer, [{"question": "q", "answer": "a"}], metric="rouge")
-    with pytest.raises(ValueError, match="`answer`"):
+    with pytest.raises(ValueError, match="reference answer"):
         evaluate_qa(None, tokenizer, [{"question": "q"}])
+    with pytest.raises(ValueError, match="non-empty string `question`"):
+        evaluate_qa(None, tokenizer, [{"question": "  ", "answer": "a"}])
     with pytest.raises(ValueError, match="No evaluation rows"):
         evaluate_qa(model, tokenizer, [])
 
@@ -154,12 +169,30 @@ def test_accuracy_matrix_evaluates_a_model_on_every_session(tiny, world):
     model, tokenizer = tiny
     sessions = [s.eval_rows[:3] for s in world.sessions]
     m = AccuracyMatrix(num_sessions=3, metric="contains")
-    row = m.evaluate_model(0, model, tokenizer, sessions, max_new_tokens=4)
+    qa = ClosedBookQA(metric="contains", max_new_tokens=4)
+    row = m.evaluate_model(0, model, tokenizer, sessions, qa=qa)
     assert len(row) == 3 and m.R[0] == row
     assert set(m.records) == {"0,0", "0,1", "0,2"}
     assert [r["fact_id"] for r in m.records["0,2"]] == [r["fact_id"] for r in sessions[2]]
     with pytest.raises(ValueError, match="metric"):
-        m.evaluate_model(1, model, tokenizer, sessions, metric="exact")
+        m.evaluate_model(1, model, tokenizer, sessions, qa=ClosedBookQA(metric="exact_match"))
+
+
+def test_tau_asks_and_scores_exactly_as_the_accuracy_matrix(tiny, world):
+    """Through one ClosedBookQA, tau's score of a task is the matrix's accuracy on the same questions, for every
+    metric: staged answers (words the model will say) make the scores non-trivial."""
+    model, tokenizer = tiny
+    rows = world.sessions[0].eval_rows[:6]
+    said = ClosedBookQA(max_new_tokens=MAX_NEW).answer(model, tokenizer, build_prompts(tokenizer, [r["question"] for r in rows]))
+    staged = [{**r, "answer": said[k].split()[0] if k % 3 == 0 and said[k].split() else r["answer"]}
+              for k, r in enumerate(rows)]
+    task = {"questions": [r["question"] for r in staged], "answers": [r["answer"] for r in staged]}
+    for metric in ("contains", "exact_match", "f1"):
+        qa = ClosedBookQA(metric=metric, max_new_tokens=MAX_NEW)
+        matrix = AccuracyMatrix(num_sessions=1, metric=metric)
+        [accuracy] = matrix.evaluate_model(0, model, tokenizer, [staged], qa=qa)
+        assert NoContextQA(qa)(model, tokenizer, task) == pytest.approx(accuracy)
+    assert accuracy > 0.0
 
 
 @pytest.mark.slow

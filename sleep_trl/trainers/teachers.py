@@ -1,0 +1,393 @@
+"""The teachers of Knowledge Seeding: separate (frozen) models, or the student itself seen through a view.
+
+A `Teacher` is one source of next-token distributions and samples: a prepared model (a smaller self, another
+checkpoint), or a *view* of the student (`teacher_view`: the continuum memory before its newest expansion, a PEFT
+model with its adapter disabled, or the student as it is with a richer `teacher_prompt`), which holds no second copy
+of the weights. `TeacherSet` holds every teacher of a trainer and does what the trainer asks of them: their last
+hidden states on a batch (for the divergence), their samples for a batch of prompts (the off-policy sequences and
+the imitation targets), the combined head of several teachers.
+
+Replayed rows (`replay_column`) are taught by the teacher's *replay view* (for the memory view: the long-term memory
+as it was before this sleep, fast level silent). `TeacherSet.view_groups` is the one place that splits a batch into
+the rows of each view; under DeepSpeed ZeRO-3 every process runs every group (an empty one on a dummy row,
+discarded), because parameters are gathered collectively and a process that skipped a forward would hang the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import is_peft_model
+from transformers import AutoTokenizer
+from trl.models import prepare_deepspeed
+from trl.models.utils import unwrap_model_for_generation
+from trl.trainer.utils import create_model_from_path, pad
+
+from ..assets import resolve_model_path
+from ..generation.vllm_cpu import TeacherEngine
+from ..memory import find_memory
+from .generalized_distillation_objective import logit_scale_of
+
+
+@dataclass
+class Teacher:
+    """One teacher: a separate (frozen, prepared) model, or the student itself seen through `view()`."""
+
+    weight: float
+    model: Any = None  # wrapped/prepared module, or None for a view of the student
+    view: Callable[[], Any] | None = None
+    replay_view: Callable[[], Any] | None = None  # the view that teaches replayed (old) rows, for a view teacher
+    name: str = "teacher"
+
+    @property
+    def is_view(self) -> bool:
+        return self.model is None
+
+    @property
+    def splits_replay(self) -> bool:
+        """Replayed rows need a view of their own (a separate forward/generate call)."""
+        return self.is_view and self.replay_view is not None and self.replay_view is not self.view
+
+
+def tokenizer_fingerprint(tokenizer) -> tuple:
+    return (tuple(sorted(tokenizer.get_vocab().items())), tokenizer.eos_token, tokenizer.pad_token)
+
+
+def teacher_sources(teacher_model, args) -> list:
+    """The teacher models to load (ids, paths or modules), from the trainer argument or the config."""
+    if teacher_model is not None:
+        sources = list(teacher_model) if isinstance(teacher_model, (list, tuple)) else [teacher_model]
+    elif args.teachers:
+        sources = list(args.teachers)
+    elif args.teacher_model_name_or_path is not None:
+        sources = [args.teacher_model_name_or_path]
+    else:
+        sources = []
+    if args.teacher_weights is not None and sources and len(args.teacher_weights) != len(sources):
+        raise ValueError(
+            f"`teacher_weights` has {len(args.teacher_weights)} entries but {len(sources)} teachers were given."
+        )
+    if sources and args.teacher_view is not None:
+        raise ValueError(
+            f"Both a teacher model and `teacher_view: {args.teacher_view}` were given: choose a separate teacher "
+            "or Self-Knowledge Seeding through a view, not both."
+        )
+    return sources
+
+
+def resolve_view(student, args, teacher_view=None, replay_view=None):
+    """The teacher view and the replay view (who teaches rows marked in `replay_column`) of a student."""
+    if teacher_view is not None:
+        return teacher_view, replay_view
+    if args.teacher_view == "self":
+        return contextlib.nullcontext, contextlib.nullcontext
+    if args.teacher_view == "disable_adapter":
+        if not is_peft_model(student):
+            raise ValueError("`teacher_view: disable_adapter` needs a PEFT student (pass a `peft_config`).")
+        view = student.disable_adapter  # one bound method for both: replayed rows need no separate call
+        return view, view
+    memory = find_memory(student)
+    if memory is not None:
+        # Replayed old knowledge is taught by the long-term memory as it was before this sleep: the levels the
+        # student has suspended (the awake fast level, which may have overwritten old answers) stay silent.
+        return memory.teacher_view, lambda: memory.teacher_view(suspend=set(memory.state.suspended))
+    if args.teacher_view == "memory":
+        raise ValueError(
+            "`teacher_view: memory` needs a continuum memory attached to the student "
+            "(`sleep_trl.memory.attach_memory`) and expanded once."
+        )
+    raise ValueError(
+        "No teacher: give `teacher_model` (or `teacher_model_name_or_path` / `teachers` in the config), or a "
+        "`teacher_view` for Self-Knowledge Seeding, or attach a continuum memory to the student."
+    )
+
+
+def load_teachers(trainer, sources: list, args) -> list[Teacher]:
+    """Load, check (same tokenizer as the student) and prepare every teacher model, as TRL prepares its one."""
+    weights = args.teacher_weights or [1.0] * len(sources)
+    total = float(sum(weights))
+    init_kwargs = dict(args.teacher_model_init_kwargs or {})
+    if args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED"]:
+        init_kwargs["device_map"] = None
+    init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+    if args.teacher_model_revision is not None:
+        init_kwargs.setdefault("revision", args.teacher_model_revision)
+    student_fp = tokenizer_fingerprint(trainer._tokenizer)
+    teachers = []
+    for index, source in enumerate(sources):
+        if isinstance(source, str):
+            path = resolve_model_path(source)
+            teacher_tok = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+            model = create_model_from_path(path, **init_kwargs)
+            name = Path(path).name
+        else:
+            model, name = source, getattr(source.config, "_name_or_path", f"teacher{index}") or f"teacher{index}"
+            teacher_tok = None
+            if name and Path(name, "tokenizer_config.json").exists():
+                teacher_tok = AutoTokenizer.from_pretrained(name)
+        if teacher_tok is not None and tokenizer_fingerprint(teacher_tok) != student_fp:
+            raise ValueError(
+                f"Teacher {name!r} uses a different tokenizer from the student. Knowledge Seeding compares "
+                "next-token distributions over one vocabulary, so every teacher must share the student's tokenizer "
+                "(embedding tables padded to different sizes are fine)."
+            )
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if trainer.is_deepspeed_enabled:
+            prepared = prepare_deepspeed(model, trainer.accelerator)
+        else:
+            prepared = trainer.accelerator.prepare_model(model, evaluation_mode=True)
+        teachers.append(Teacher(weight=weights[index] / total, model=prepared, name=name))
+    if len(teachers) > 1 and args.teacher_combination == "logit_mean":
+        for t in teachers:
+            cfg = trainer.accelerator.unwrap_model(t.model).config.get_text_config()
+            if getattr(cfg, "final_logit_softcapping", None) is not None:
+                raise ValueError(
+                    f"Teacher {t.name!r} soft-caps its logits, which `teacher_combination: logit_mean` cannot fold "
+                    "into one projection. Use `teacher_combination: prob_mean`."
+                )
+    return teachers
+
+
+class TeacherSet:
+    """Every teacher of one `GeneralizedDistillationTrainer`, and what the trainer asks of them.
+
+    Args:
+        trainer: the trainer (its accelerator, generation settings, vLLM engine and student are used).
+        teachers: the teachers, weights normalised.
+        has_replay: whether the training data marks replayed rows.
+    """
+
+    def __init__(self, trainer, teachers: list[Teacher], has_replay: bool = False):
+        self.trainer = trainer
+        self.teachers = teachers
+        self.has_replay = has_replay
+        self._concat_head: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._engines: dict[int, TeacherEngine] = {}
+
+    def __len__(self) -> int:
+        return len(self.teachers)
+
+    def __getitem__(self, index: int) -> Teacher:
+        return self.teachers[index]
+
+    def __iter__(self):
+        return iter(self.teachers)
+
+    @property
+    def first_model(self):
+        """The first separate teacher model (TRL's `teacher_model` attribute), or None for a view."""
+        return next((t.model for t in self.teachers if not t.is_view), None)
+
+    def module(self, teacher: Teacher, student):
+        """The module that computes as `teacher`: the student itself for a view, else the unwrapped teacher."""
+        return student if teacher.is_view else self.trainer.accelerator.unwrap_model(teacher.model)
+
+    # ---- which rows each view teaches --------------------------------------------------------------------------
+    def view_groups(self, teacher: Teacher, replay: Sequence[bool]) -> list[tuple[Callable, list[int]]]:
+        """`(view, rows)` pairs covering the batch: the teacher view for new rows, the replay view for replayed
+        ones (only when they differ). Empty groups are dropped, except under DeepSpeed, where every process must run
+        the same calls (see the module docstring)."""
+        n = len(replay)
+        if not (teacher.splits_replay and self.has_replay):
+            return [(teacher.view, list(range(n)))]
+        groups = [
+            (teacher.view, [i for i in range(n) if not replay[i]]),
+            (teacher.replay_view, [i for i in range(n) if replay[i]]),
+        ]
+        if self.trainer.is_deepspeed_enabled:
+            return groups
+        return [g for g in groups if g[1]]
+
+    # ---- hidden states for the divergence ----------------------------------------------------------------------
+    @torch.no_grad()
+    def hidden_states(self, student, input_ids, attention_mask, logits_to_keep, replay_mask=None) -> list[torch.Tensor]:
+        """Each teacher's last hidden states over the last `logits_to_keep` positions of the batch."""
+        replay = replay_mask.tolist() if replay_mask is not None else [False] * input_ids.size(0)
+        return [
+            self._hidden(t, student, input_ids, attention_mask, logits_to_keep, replay) for t in self.teachers
+        ]
+
+    def _hidden(self, teacher: Teacher, student, input_ids, attention_mask, logits_to_keep, replay):
+        trainer = self.trainer
+        if not teacher.is_view:
+            unwrapped = trainer.accelerator.unwrap_model(teacher.model)
+            unwrapped.eval()
+            # Through the teacher's own wrapper, so DeepSpeed/FSDP materialise its sharded parameters.
+            return trainer._forward_redirection(
+                teacher.model, unwrapped, trainer._get_last_hidden_state, unwrapped, input_ids, attention_mask,
+                logits_to_keep,
+            )
+        groups = self.view_groups(teacher, replay)
+        if len(groups) == 1 and len(groups[0][1]) == input_ids.size(0):
+            with groups[0][0]():
+                return trainer._get_last_hidden_state(student, input_ids, attention_mask, logits_to_keep)
+        out = None
+        for view, rows in groups:
+            run = torch.tensor(rows or [0], device=input_ids.device)
+            with view():
+                h = trainer._get_last_hidden_state(student, input_ids[run], attention_mask[run], logits_to_keep)
+            if out is None:
+                out = h.new_zeros((input_ids.size(0), *h.shape[1:]))
+            if rows:
+                out[run] = h
+        return out
+
+    # ---- samples ------------------------------------------------------------------------------------------------
+    def sample(self, prompt_ids: list[list[int]], replay: Sequence[bool], rng: random.Random) -> list[list[int]]:
+        """Teacher samples for a batch of prompts: each prompt is written by one teacher, drawn with its weight
+        (`rng`), through the view that teaches its row."""
+        trainer = self.trainer
+        weights = [t.weight for t in self.teachers]
+        assignment = [rng.choices(range(len(self.teachers)), weights=weights)[0] for _ in prompt_ids]
+        completions: list[list[int] | None] = [None] * len(prompt_ids)
+        for index, teacher in enumerate(self.teachers):
+            mine = [i for i, a in enumerate(assignment) if a == index]
+            if not mine and not trainer.is_deepspeed_enabled:
+                continue
+            for view, group in self.view_groups(teacher, [replay[i] for i in mine]):
+                rows = [mine[g] for g in group]
+                # Every process must enter the same generate calls under ZeRO-3 (parameters are gathered).
+                batch = [prompt_ids[i] for i in rows] or [prompt_ids[0]]
+                generated = self._generate(index, teacher, batch, view)
+                for i, ids in zip(rows, generated):
+                    completions[i] = ids
+        return completions  # type: ignore[return-value]
+
+    def _generate(self, index: int, teacher: Teacher, prompt_ids: list[list[int]], view) -> list[list[int]]:
+        trainer = self.trainer
+        if trainer.use_vllm:
+            return self._vllm_generate(index, teacher, prompt_ids, view)
+        if teacher.is_view:
+            with view():
+                return self.hf_generate(trainer.model_wrapped, prompt_ids)
+        return self.hf_generate(teacher.model, prompt_ids)
+
+    def hf_generate(self, model, prompt_ids: list[list[int]]) -> list[list[int]]:
+        """Sample with `transformers.generate` from `model` (a teacher, or the student in a view).
+
+        Mirrors the transformers path of TRL's `_generate_single_turn`, which is bound to the student.
+        """
+        trainer = self.trainer
+        if not prompt_ids:
+            return []
+        device = trainer.accelerator.device
+        prompts = [torch.tensor(ids) for ids in prompt_ids]
+        pad_id = trainer._tokenizer.pad_token_id
+        input_ids = pad(prompts, padding_value=pad_id, padding_side="left").to(device)
+        attention_mask = pad([torch.ones_like(p) for p in prompts], padding_value=0, padding_side="left").to(device)
+        with (
+            unwrap_model_for_generation(
+                model,
+                trainer.accelerator,
+                gather_deepspeed3_params=trainer.args.ds3_gather_for_generation,
+                generation_kwargs=trainer.generation_kwargs,
+            ) as unwrapped,
+            torch.no_grad(),
+        ):
+            was_training = unwrapped.training
+            unwrapped.eval()
+            try:
+                out = unwrapped.generate(
+                    input_ids=input_ids, attention_mask=attention_mask, generation_config=trainer.generation_config
+                )
+            finally:
+                unwrapped.train(was_training)
+        completions = out[:, input_ids.size(1) :].cpu()
+        result = []
+        eos = set(trainer.eos_token_ids)
+        for row in completions.tolist():
+            cut = next((i for i, t in enumerate(row) if t in eos), None)
+            result.append(row if cut is None else row[: cut + 1])
+        return result
+
+    def vllm_sampling(self) -> dict[str, Any]:
+        """vLLM sampling parameters equal to the trainer's generation settings."""
+        trainer = self.trainer
+        vllm = trainer.vllm_generation
+        return dict(
+            max_tokens=vllm.max_completion_length, temperature=trainer.temperature, top_p=trainer.top_p,
+            top_k=trainer.top_k or 0, min_p=trainer.min_p or 0.0, repetition_penalty=trainer.repetition_penalty,
+            stop_token_ids=list(trainer.eos_token_ids), **dict(vllm.generation_kwargs),
+        )
+
+    def _vllm_generate(self, index: int, teacher: Teacher, prompt_ids: list[list[int]], view=None):
+        """Teacher samples through vLLM: a view of the student is swapped into the student's engine (no second copy
+        of the weights); a separate teacher checkpoint gets a frozen engine of its own, built on first use."""
+        trainer = self.trainer
+        sampling = self.vllm_sampling()
+        if teacher.is_view:
+            if trainer.state.global_step != trainer._last_loaded_step:
+                trainer.vllm_generation.sync_weights()
+                trainer._last_loaded_step = trainer.state.global_step
+
+            def teacher_weights():
+                with (view or teacher.view)():
+                    return trainer.engine_weights()
+
+            with trainer.vllm_generation.weights_swapped(teacher_weights):
+                return trainer.vllm_generation.generate_token_ids(prompt_ids, **sampling)
+        if index not in self._engines:
+            unwrapped = trainer.accelerator.unwrap_model(teacher.model)
+            path = getattr(unwrapped, "name_or_path", None)
+            if not path or not Path(path, "config.json").exists():
+                raise ValueError(
+                    f"`use_vllm` samples teacher {teacher.name!r} with an engine of its own, built from its checkpoint "
+                    "folder, but the model has none. Pass the teacher as a path, or `save_pretrained` it first."
+                )
+            self._engines[index] = TeacherEngine(
+                path, max_num_seqs=trainer.vllm_generation.max_num_seqs, max_model_len=trainer.args.vllm_max_model_length,
+                seed=trainer.args.seed,
+            )
+        return self._engines[index].generate(prompt_ids, **sampling)
+
+    # ---- heads ---------------------------------------------------------------------------------------------------
+    def head(self, module, sliced: bool, vocab_size: int):
+        """(weight, bias) of a module's output head, sliced to the tokenizer's `vocab_size` when `sliced`."""
+        head = module.get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        if sliced:
+            weight = weight[:vocab_size]
+            bias = bias[:vocab_size] if bias is not None else None
+        return weight, bias
+
+    def concatenated_head(self, student, scales, vocab_size: int):
+        """`[W_1, ..., W_k]` and `sum_k s_k b_k` of several frozen teachers (built once), for `logit_mean`."""
+        if self._concat_head is None:
+            weights, bias = [], None
+            for t, s in zip(self.teachers, scales, strict=True):
+                w, b = self.head(self.module(t, student), sliced=True, vocab_size=vocab_size)
+                weights.append(w.detach())
+                if b is not None:
+                    bias = s * b.detach() if bias is None else bias + s * b.detach()
+            self._concat_head = (torch.cat(weights, dim=-1), bias)
+        return self._concat_head
+
+    def logit_scales(self, student) -> list[float]:
+        """`w_k * s_k`: each teacher's weight times its config's logit scale."""
+        return [t.weight * logit_scale_of(self.module(t, student).config.get_text_config()) for t in self.teachers]
+
+
+def match_parameters(model: torch.nn.Module, patterns: Sequence[str]) -> set[str]:
+    """Names of the parameters matched by `patterns` (full names or `re.fullmatch` expressions); a pattern that
+    matches nothing is an error naming close parameter names."""
+    names = [n for n, _ in model.named_parameters()]
+    selected: set[str] = set()
+    for pattern in patterns:
+        hits = {n for n in names if n == pattern or re.fullmatch(pattern, n)}
+        if not hits:
+            close = [n for n in names if pattern.split(".")[-1] in n][:5]
+            raise ValueError(
+                f"`trainable_parameters` entry {pattern!r} matches no parameter of the model. Use a full parameter "
+                f"name or a regular expression (re.fullmatch), e.g. {close or names[:3]}."
+            )
+        selected |= hits
+    return selected
