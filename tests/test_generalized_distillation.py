@@ -301,15 +301,18 @@ def test_imitation_rollouts_rewards_and_groups(tmp_path, student_dir, teacher_di
 
     trainer = GeneralizedDistillationTrainer(
         model=str(student_dir), teacher_model=str(teacher_dir), train_dataset=prompts(), semantic_judge=judge,
-        args=cpu_args(tmp_path, alpha=0.0, gamma=0.25, num_imitation_generations=3, max_completion_length=10),
+        args=cpu_args(tmp_path, alpha=0.0, gamma=0.25, num_imitation_generations=3, max_completion_length=10,
+                      teacher_cache="off"),  # the per-batch path: teacher samples and cuts drawn per round
     )
     trainer.model.train()
     written = []
     real_sample = trainer.teachers.sample
-    trainer.teachers.sample = lambda *a: written.append(real_sample(*a)) or written[-1]
+    trainer.teachers.sample = lambda *a, **k: written.append(real_sample(*a, **k)) or written[-1]
     out = trainer._generate_and_score_completions([prompts()[i] for i in range(4)])
     assert out["imit_completion_ids"].shape[:2] == (4, 3)
-    [teacher_samples] = written  # one teacher call serves the distillation sequences and the imitation targets
+    # one teacher call serves the distillation sequences and the imitation targets, with its hidden states
+    [(teacher_samples, teacher_hidden)] = written
+    assert "teacher_hidden_0" in out and [h.shape[0] for h in teacher_hidden] == [len(t) for t in teacher_samples]
     # distillation sequences of an alpha=0 batch are the teacher samples themselves
     for row in range(4):
         ids = out["completion_ids"][row][out["completion_mask"][row].bool()].tolist()
@@ -428,21 +431,22 @@ def test_replay_rows_are_taught_by_the_long_term_memory(tmp_path, tiny_dir, tiny
     assert torch.allclose(mixed[replay], asleep[replay], atol=1e-5)
     assert not torch.allclose(awake, asleep, atol=1e-3)
 
-    # replayed rows get their own generate call, taught by the long-term memory
+    # the memory's per-row view serves new and replayed rows in one generate call (no split)
     calls = []
     real_generate = trainer.teachers.hf_generate
 
     def counting_generate(model, prompt_ids):
-        calls.append((len(prompt_ids), mem.is_suspended("fast")))
+        calls.append((len(prompt_ids), dict(mem.state.row_scale)))
         return real_generate(model, prompt_ids)
 
     trainer.teachers.hf_generate = counting_generate
     prompt_ids = [row[m.bool()].tolist() for row, m in zip(batch["prompt_ids"], batch["prompt_mask"])]
-    trainer.teachers.sample(prompt_ids, replay.tolist(), random.Random(0))
-    assert calls == [(2, False), (2, True)]
+    assert len(trainer.teachers.sample(prompt_ids, replay.tolist(), random.Random(0))) == 4
+    [(rows, scale)] = calls
+    assert rows == 4 and torch.equal(scale["fast"], (~replay).float())  # the fast level silent on replayed rows
+    assert mem.state.row_scale == {}  # and only inside the call
 
-    # under ZeRO-3 every rank runs both teacher forwards even when its rows hold no replay (the extra one on a
-    # dummy row, discarded), so ranks never wait on each other in a parameter gather
+    # under ZeRO-3 too there is one teacher forward for the whole batch (no dummy row, nothing to wait for)
     forwards = []
     real_hidden = trainer._get_last_hidden_state
 
@@ -455,10 +459,12 @@ def test_replay_rows_are_taught_by_the_long_term_memory(tmp_path, tiny_dir, tiny
     none = torch.zeros(4, dtype=torch.bool)
     with torch.no_grad():
         [lone] = trainer.teachers.hidden_states(model, ids, mask, 6, none)
+        [mixed_again] = trainer.teachers.hidden_states(model, ids, mask, 6, replay)
     trainer.is_deepspeed_enabled = False
     trainer._get_last_hidden_state = real_hidden
     trainer.teachers.hf_generate = real_generate
-    assert forwards == [4, 1]
+    assert forwards == [4, 4]
+    torch.testing.assert_close(mixed_again, mixed, atol=1e-6, rtol=0)
     torch.testing.assert_close(lone, awake, atol=1e-5, rtol=0)
     trainer.train()
     assert trainer.state.global_step == 1
@@ -489,3 +495,173 @@ def test_replay_rows_need_a_teacher_view(tmp_path, student_dir, teacher_dir):
     with pytest.raises(ValueError, match="replay"):
         GeneralizedDistillationTrainer(model=str(student_dir), teacher_model=str(teacher_dir), train_dataset=data,
                                        args=cpu_args(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The teacher cache: the frozen teacher's samples and hidden states computed once
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_teacher_cache_gives_every_occurrence_its_own_sample(tmp_path, student_dir, teacher_dir):
+    """4 prompts, batch 4, 3 steps: each prompt is drawn 3 times and gets 3 different cached samples; the cache
+    is filled once, before the first step, and nothing else samples the teacher."""
+    data = prompts(4)
+    trainer = GeneralizedDistillationTrainer(
+        model=str(student_dir), teacher_model=str(teacher_dir), train_dataset=data,
+        args=cpu_args(tmp_path, lmbda=0.0, alpha=1.0, max_steps=3, max_completion_length=6),
+    )
+    assert trainer.uses_teacher_cache
+    fills = []
+    real_sample = trainer.teachers.sample
+    trainer.teachers.sample = lambda ids, *a, **k: fills.append(len(ids)) or real_sample(ids, *a, **k)
+    trainer.train()
+    cache = trainer._teacher_cache
+    assert fills == [12]  # one batched call for 4 prompts x 3 samples, during the first step only
+    assert len(cache.samples) == 4 and all(len(pool) == 3 for pool in cache.samples.values())
+    assert all(n == 3 for n in cache.uses.values())  # every sample used exactly once
+    assert all(s.hidden is not None and s.hidden[0].shape[0] == len(s.completion)
+               for pool in cache.samples.values() for s in pool)
+
+
+@pytest.mark.parametrize("cache", ["auto", "off"])
+def test_cached_teacher_hidden_states_give_the_loss_of_a_fresh_teacher_forward(tmp_path, student_dir, teacher_dir,
+                                                                               cache):
+    """The teacher's hidden states taken from its own generation (filled into the cache, or captured while sampling
+    a batch) give the divergence a fresh teacher forward gives."""
+    trainer = GeneralizedDistillationTrainer(
+        model=str(student_dir), teacher_model=str(teacher_dir), train_dataset=prompts(4),
+        args=cpu_args(tmp_path, lmbda=0.0, alpha=1.0, beta=0.5, max_completion_length=8, teacher_cache=cache),
+    )
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions([prompts(4)[i] for i in range(4)])
+    assert "teacher_hidden_0" in batch  # an off-policy batch carries the teacher's cached hidden states
+    fresh = {k: v for k, v in batch.items() if not k.startswith("teacher_hidden_")}
+    student = trainer.model
+    with torch.no_grad():
+        cached_loss = trainer._distillation_loss(student, batch, batch["num_items_in_batch"])[0]
+        fresh_loss = trainer._distillation_loss(student, fresh, fresh["num_items_in_batch"])[0]
+    torch.testing.assert_close(cached_loss, fresh_loss, atol=1e-5, rtol=1e-5)
+    assert cached_loss > 0
+
+
+def test_imitation_targets_and_cuts_come_from_the_cache(tmp_path, student_dir, teacher_dir):
+    """With the cache, each imitation prompt is the student prompt plus the cached sample up to its cut, and the
+    judge's embeddings of the teacher's text are made once, when the cache is filled."""
+    embedded = []
+
+    class CountingJudge:
+        def embed(self, texts):
+            embedded.append(len(texts))
+            return torch.eye(len(texts), 4)[:, :4] if texts else torch.zeros(0, 4)
+
+        def compare(self, a, b):
+            return [1.0] * a.shape[0]
+
+        def __call__(self, p, r):  # never used when embeddings are cached
+            raise AssertionError("the judge re-embedded the teacher's text")
+
+    trainer = GeneralizedDistillationTrainer(
+        model=str(student_dir), teacher_model=str(teacher_dir), train_dataset=prompts(4), semantic_judge=CountingJudge(),
+        args=cpu_args(tmp_path, lmbda=1.0, alpha=0.5, gamma=0.5, num_imitation_generations=2, max_completion_length=8),
+    )
+    trainer.model.train()
+    out = trainer._generate_and_score_completions([prompts(4)[i] for i in range(4)])
+    cache = trainer._teacher_cache
+    n_cached = len(cache)
+    assert embedded[0] == n_cached  # all teacher suffixes at once, when the cache was filled
+    taken = [pool[0] for pool in cache.samples.values()]
+    for b in range(4):
+        p_ids = out["prompt_ids"][b][out["prompt_mask"][b].bool()].tolist()
+        full = out["imit_prompt_ids"][b, 0][out["imit_prompt_mask"][b, 0].bool()].tolist()
+        sample = next(s for s in taken if full == p_ids + s.completion[: s.cut])
+        assert 1 <= len(sample.completion) - sample.cut
+    assert embedded[1:] == [8]  # then only the student's 4 x 2 continuations
+
+
+def test_teacher_cache_only_when_the_teacher_cannot_change(tmp_path, student_dir, tiny_dir, tiny_tokenizer):
+    from peft import LoraConfig
+
+    from sleep_trl.memory import LevelConfig, MemoryConfig, attach_memory
+
+    peft = GeneralizedDistillationTrainer(
+        model=str(student_dir), train_dataset=prompts(), peft_config=LoraConfig(r=2, target_modules=["down_proj"]),
+        args=cpu_args(tmp_path, teacher_view="disable_adapter", alpha=1.0, max_steps=1),
+    )
+    assert peft.uses_teacher_cache  # only adapter weights train: the base model (the teacher) is frozen
+    context = GeneralizedDistillationTrainer(
+        model=str(student_dir), train_dataset=prompts().add_column("teacher_prompt", prompts()["prompt"]),
+        args=cpu_args(tmp_path, teacher_view="self", alpha=1.0, max_steps=1),
+    )
+    assert not context.uses_teacher_cache  # the teacher is the student as it trains
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir("cache_llama", arch="llama", seed=11))
+    mem = attach_memory(model, MemoryConfig(levels=[LevelConfig("fast", 1, 4, gate="fixed"),
+                                                    LevelConfig("slow", 2, 4, gate="fixed")]))
+    mem.expand("fast")
+    names = mem.expand("slow")
+    mem.suspend("fast")
+
+    def trainer_for(trainable, cache="auto"):
+        return GeneralizedDistillationTrainer(
+            model=model, processing_class=tiny_tokenizer, train_dataset=prompts(),
+            args=cpu_args(tmp_path, teacher_view="memory", alpha=1.0, max_steps=1, trainable_parameters=trainable,
+                          teacher_cache=cache),
+        )
+
+    assert trainer_for(names).uses_teacher_cache
+    # the view still shows the fast level: training it would change the teacher
+    fast = mem.names(mem.parameters("fast", slots=[0]))
+    assert not trainer_for(names + fast).uses_teacher_cache
+    assert not trainer_for(names, cache="off").uses_teacher_cache
+
+
+@pytest.mark.parametrize("lmbda", [0.0, 1.0], ids=["teacher-written", "on-policy"])
+def test_shared_prefix_rows_give_the_losses_and_gradients_of_separate_rows(tmp_path, student_dir, teacher_dir, lmbda):
+    """One packed forward for the distillation sequence and the G continuations of each prompt computes the same
+    loss and gradient as G + 1 rows of their own: with the prefix inside the teacher sample (teacher-written
+    batches) and as a segment of its own (on-policy batches, where the sequence is the student's)."""
+    trainer = GeneralizedDistillationTrainer(
+        model=str(student_dir), teacher_model=str(teacher_dir), train_dataset=prompts(4),
+        args=cpu_args(tmp_path, alpha=0.5, lmbda=lmbda, gamma=0.0, num_imitation_generations=3,
+                      max_completion_length=8, trainable_parameters=[r"model\.layers\.[12]\.mlp\..*"]),
+    )
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions([prompts(4)[i] for i in range(4)])
+    assert bool(batch["imit_shares_sequence"].all()) == (lmbda == 0.0)
+    student = trainer.model
+
+    def loss_and_grads(shared: bool):
+        trainer.args.imitation_prefix_sharing = shared
+        student.zero_grad()
+        loss = trainer._compute_loss(student, dict(batch), batch["num_items_in_batch"])[0]
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+    shared_loss, shared_grads = loss_and_grads(True)
+    separate_loss, separate_grads = loss_and_grads(False)
+    torch.testing.assert_close(shared_loss, separate_loss, atol=1e-5, rtol=1e-5)
+    assert shared_grads.keys() == separate_grads.keys() and shared_grads
+    for name in shared_grads:
+        torch.testing.assert_close(shared_grads[name], separate_grads[name], atol=1e-5, rtol=1e-4)
+    assert any(float(g.abs().sum()) > 0 for g in shared_grads.values())
+
+
+def test_continuations_from_one_cached_prefix_equal_repeated_prompts(tiny_tokenizer):
+    """Greedy decoding from a prefix's KV cache repeated along the batch equals decoding each repeat on its own."""
+    from transformers import GenerationConfig
+
+    from sleep_trl.generation.hf import generate_ids, sample_continuations
+    from sleep_trl.tiny import build_model
+
+    model = build_model(tiny_tokenizer, arch="llama", seed=3).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # decisive, varied greedy choices (see test_eval_qa)
+        for name, param in model.named_parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.3 + (1.0 if "norm" in name else 0.0))
+    prefixes = [[5, 17, 230, 44], [9, 300], [12, 13, 14, 15, 16, 17], [40]]
+    config = GenerationConfig(max_new_tokens=6, do_sample=False)
+    eos = [tiny_tokenizer.eos_token_id]
+    shared = sample_continuations(model, prefixes, 3, pad_id=tiny_tokenizer.pad_token_id, eos_token_ids=eos,
+                                  generation_config=config)
+    repeated = generate_ids(model, [p for p in prefixes for _ in range(3)], pad_id=tiny_tokenizer.pad_token_id,
+                            batch_size=12, max_new_tokens=6, do_sample=False, eos_token_ids=eos)
+    assert shared == repeated and len({tuple(c) for c in shared}) > 1

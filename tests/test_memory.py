@@ -514,3 +514,32 @@ def test_smollm2_logits_preserved(smollm2_dir):
         mem.expand("fast")
         mem.expand("slow")
         torch.testing.assert_close(model(**ids).logits, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_per_row_view_gives_each_row_its_own_view(tiny_tokenizer, input_ids, arch):
+    """`teacher_view(rows_suspend={"fast": mask})`: rows where mask is True compute as `teacher_view(suspend=
+    ["fast"])`, the others as `teacher_view()`, in one forward, and in KV-cached generation too."""
+    model, mem = make(tiny_tokenizer, arch)
+    mem.expand("fast")
+    randomize(mem.parameters("fast"), std=0.3, seed=3)
+    mem.expand("slow")
+    randomize(mem.parameters("slow", slots=[0]), std=0.3, seed=4)
+    mem.suspend("fast")
+    with mem.teacher_view():
+        awake = logits(model, input_ids)
+    with mem.teacher_view(suspend=["fast"]):
+        long_term = logits(model, input_ids)
+    assert not torch.allclose(awake, long_term, atol=1e-3)
+    mask = torch.tensor([True, False])
+    with mem.teacher_view(rows_suspend={"fast": mask}):
+        mixed = logits(model, input_ids)
+        generated = model.generate(input_ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(mixed[0], long_term[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixed[1], awake[1], atol=1e-5, rtol=0)
+    with mem.teacher_view(suspend=["fast"]):
+        alone = model.generate(input_ids[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(generated[:1], alone)
+    assert mem.state.row_scale == {}  # the rows' views end with the block
+    with mem.teacher_view(rows_suspend={"fast": torch.tensor([True, False, True])}), pytest.raises(RuntimeError, match="rows"):
+        model(input_ids)

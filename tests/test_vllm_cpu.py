@@ -257,10 +257,13 @@ def test_distillation_trainer_colocate_vllm_on_cpu(student_dir, teacher_dir, tin
     assert first[1] < 0.1 and second[1] < 0.1
     assert any("loss" in entry for entry in trainer.state.log_history)
 
-    # TRL's own colocate sync (`model.load_weights`) is what fails on CPU: the repacked layers lost their loaders.
+    # TRL's own colocate sync (`model.load_weights`) fails on CPUs where vLLM repacks its linear layers into oneDNN
+    # kernels (their weights lose the loader; seen with AVX-512); where it does not repack (AVX2 only) it loads.
     generation.sync_weights = sync
-    with pytest.raises(AttributeError, match="weight_loader"):
+    try:
         VLLMGeneration.sync_weights(generation)
+    except AttributeError as err:
+        assert "weight_loader" in str(err)
 
 
 def _deferred(parent):

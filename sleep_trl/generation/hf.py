@@ -12,9 +12,11 @@ part in autograd again, and under DeepSpeed ZeRO-3 the parameters gathered for g
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
+from transformers import DynamicCache
 
 
 def pad_token_id(tokenizer) -> int:
@@ -113,3 +115,46 @@ def generate_ids(
 def encode_prompts(tokenizer, prompts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:
     """Token ids of already rendered prompt strings."""
     return [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
+
+
+@torch.no_grad()
+def sample_continuations(
+    model,
+    prefixes: Sequence[Sequence[int]],
+    num: int,
+    *,
+    pad_id: int,
+    eos_token_ids: Sequence[int],
+    generation_config,
+) -> list[list[int]]:
+    """`num` continuations of every prefix, the prefix read once: one forward fills the KV cache for the prefixes
+    (all but their last token), the cache is repeated `num` times along the batch, and `generate` samples from
+    there. `generate(num_return_sequences=num)` would re-read each prefix `num` times (on a CPU, where generation is
+    compute-bound, that is most of the cost of Learning to Imitate's rollouts). Returns `len(prefixes) * num`
+    completions, the `num` of a prefix consecutive, each cut after its first EOS."""
+    device = model_device(model)
+    if generation_config.pad_token_id is None:
+        generation_config = copy.deepcopy(generation_config)
+        generation_config.pad_token_id = pad_id
+    input_ids, attention_mask = left_pad(prefixes, pad_id)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    kwargs = {}
+    if input_ids.size(1) > 1:
+        # position ids as `generate` makes them, so the cache is exactly what it would have computed
+        positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        cache = DynamicCache(config=model.config)
+        model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=positions[:, :-1],
+              cache=cache, use_cache=True)
+        cache.batch_repeat_interleave(num)
+        kwargs["cache"] = cache
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(
+            input_ids=input_ids.repeat_interleave(num, 0), attention_mask=attention_mask.repeat_interleave(num, 0),
+            generation_config=generation_config, **kwargs,
+        )
+    finally:
+        model.train(was_training)
+    eos = set(eos_token_ids)
+    return [_cut_at_eos(row, eos) for row in out[:, input_ids.size(1) :].cpu().tolist()]

@@ -36,6 +36,9 @@ class MemoryState:
     unlocked: dict[str, int]
     suspended: set[str] = field(default_factory=set)
     generator: torch.Generator | None = None  # set only inside `ContinuumMemory.random_experts`
+    # Per-row multipliers of a level's output, `(batch,)` tensors: set only inside a `teacher_view(rows_suspend=...)`
+    # (one batch whose rows see different views, e.g. new rows the awake model and replayed rows the long-term one).
+    row_scale: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def active(self, level: str) -> bool:
         return self.unlocked[level] > 0 and level not in self.suspended
@@ -144,6 +147,14 @@ class ExpertBank(nn.Module):
             h = (h.unflatten(-1, (k, self.rank)) * gates.unsqueeze(-1)).flatten(-2)
         w_out = p["down_0"] if k == 1 else torch.cat([p[f"down_{s}"] for s in range(k)], dim=1)
         out = F.linear(h, w_out)
+        scale = state.row_scale.get(self.level)
+        if scale is not None:
+            if scale.numel() != out.shape[0]:
+                raise RuntimeError(
+                    f"A per-row memory view for {scale.numel()} rows met a batch of {out.shape[0]}: the rows of "
+                    "`teacher_view(rows_suspend=...)` must be the rows of the batch (no num_return_sequences > 1)."
+                )
+            out = out * scale.to(device=out.device, dtype=out.dtype).view(-1, *([1] * (out.dim() - 1)))
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -229,16 +229,19 @@ class ContinuumMemory:
             rec.viewable = False
 
     @contextlib.contextmanager
-    def teacher_view(self, suspend: Iterable[str] = ()):
+    def teacher_view(self, suspend: Iterable[str] = (), rows_suspend: dict[str, torch.Tensor] | None = None):
         """Context manager: the model exactly as it was before the newest `expand` (that slot masked, levels
         suspended since then active again), sharing every weight with the student. Self-Knowledge Seeding's
         teacher. Operations that change the memory are refused inside.
 
         `suspend` silences levels in the view as well: `teacher_view(suspend=["fast"])` is the long-term memory as
         it was before this sleep, the right teacher for replayed old knowledge (the awake fast level may have
-        overwritten it)."""
+        overwritten it). `rows_suspend` does the same for some rows of a batch only: `{"fast": replay}` (a boolean
+        `(batch,)` tensor) lets one forward or `generate` call serve new rows (awake view) and replayed rows
+        (long-term view) together; every forward inside must then have that batch size."""
         suspend = set(suspend)
-        for level in suspend:
+        rows_suspend = dict(rows_suspend or {})
+        for level in suspend | set(rows_suspend):
             self.config.level(level)
         if self._in_view:
             raise RuntimeError("mem.teacher_view() is already active: views do not nest.")
@@ -253,12 +256,14 @@ class ContinuumMemory:
         saved = (dict(self.state.unlocked), set(self.state.suspended))
         self.state.unlocked.update(rec.unlocked_before)
         self.state.suspended = set(rec.suspended_before) | suspend
+        self.state.row_scale = {level: (~mask.bool()).float() for level, mask in rows_suspend.items()}
         self._in_view = True
         try:
             yield self
         finally:
             self.state.unlocked.update(saved[0])
             self.state.suspended = saved[1]
+            self.state.row_scale = {}
             self._in_view = False
 
     @contextlib.contextmanager

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from ..assets import resolve_model_path
 
 
@@ -47,24 +49,36 @@ class SemanticJudge:
         self.binary = binary
         self.batch_size = batch_size
 
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """Normalised embeddings of `texts` (`(n, dim)`, CPU), to compare later with `compare` (e.g. the teacher's
+        texts, embedded once)."""
+        if not texts:
+            return torch.zeros(0, 0)
+        emb = self.model.encode(
+            list(texts), batch_size=self.batch_size, normalize_embeddings=True, convert_to_tensor=True,
+            show_progress_bar=False,
+        )
+        return emb.float().cpu()
+
     def similarity(self, predictions: Sequence[str], references: Sequence[str]) -> list[float]:
         """Cosine similarity of each prediction with its reference (pairwise, not all-pairs)."""
         if len(predictions) != len(references):
             raise ValueError(f"{len(predictions)} predictions but {len(references)} references.")
         if not predictions:
             return []
-        emb = self.model.encode(
-            list(predictions) + list(references),
-            batch_size=self.batch_size,
-            normalize_embeddings=True,
-            convert_to_tensor=True,
-            show_progress_bar=False,
-        )
+        emb = self.embed(list(predictions) + list(references))
         n = len(predictions)
-        return (emb[:n] * emb[n:]).sum(-1).float().cpu().tolist()
+        return (emb[:n] * emb[n:]).sum(-1).tolist()
+
+    def verdict(self, similarities: Sequence[float]) -> list[float]:
+        """The judge's reward for cosine similarities: 1/0 at `threshold` (binary), else the cosine in [0, 1]."""
+        if self.binary:
+            return [1.0 if s >= self.threshold else 0.0 for s in similarities]
+        return [min(max(s, 0.0), 1.0) for s in similarities]
+
+    def compare(self, prediction_embeddings: torch.Tensor, reference_embeddings: torch.Tensor) -> list[float]:
+        """The reward of each prediction against its reference, from embeddings made by `embed` (pairwise)."""
+        return self.verdict((prediction_embeddings * reference_embeddings).sum(-1).tolist())
 
     def __call__(self, predictions: Sequence[str], references: Sequence[str]) -> list[float]:
-        sims = self.similarity(predictions, references)
-        if self.binary:
-            return [1.0 if s >= self.threshold else 0.0 for s in sims]
-        return [min(max(s, 0.0), 1.0) for s in sims]
+        return self.verdict(self.similarity(predictions, references))

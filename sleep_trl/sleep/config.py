@@ -38,6 +38,8 @@ WAKE_MODES = ("fast", "context")
 # 2e-3 left session 0 at 0.00 after 45 steps, 1e-2 reached 0.75 after 60 (8 epochs of 60 texts at batch 8).
 WAKE_DEFAULTS = {
     **PHASE_DEFAULTS,
+    # Batches of similar lengths (the cycle lays the epochs out itself, see `sleep.data.length_grouped_order`).
+    "train_sampling_strategy": "group_by_length",
     "num_train_epochs": 8.0,
     "learning_rate": 1e-2,
     "per_device_train_batch_size": 8,
@@ -67,7 +69,7 @@ _FIXED = {
     "consolidation_args": (*_CYCLE_SET, *CONSOLIDATION_FIXED),
     "dream_args": (
         *_CYCLE_SET, "tau", "tau_metric", "tau_prompt_template", "tau_use_chat_template", "tau_max_new_tokens",
-        "tau_batch_size", "tau_stop_at_newline", "random_expert_sampling",
+        "tau_batch_size", "tau_stop_at_newline", "random_expert_sampling", "dream_system_prompt",
     ),
 }
 _WHY_FIXED = {
@@ -78,6 +80,7 @@ _WHY_FIXED = {
     "teacher_model_name_or_path": "the teacher is the memory's teacher view",
     "teachers": "the teacher is the memory's teacher view",
     "random_expert_sampling": "it follows `slow_gate` (routed slow levels dream with random experts)",
+    "dream_system_prompt": "every conversation of the run uses the cycle's `system_prompt`",
 }
 # Section fields that do not change what a run computes (left out of the resume fingerprint).
 _NOT_RESULTS = {"report_to", "logging_steps", "logging_first_step", "disable_tqdm", "num_dreams_to_print", "run_name",
@@ -178,6 +181,12 @@ class SleepConfig:
 
         > The cycle
 
+        system_prompt (`str` or `None`, defaults to `""`):
+            The system turn of every conversation of the run (wake texts, sleep prompts, evaluation questions,
+            dream prompts), for models with a chat template. `""`: an empty system turn. Some templates add a default
+            system prompt when none is given (SmolLM2: "You are a helpful AI assistant named SmolLM, trained by
+            Hugging Face", 16 of the 45 tokens of a training pair): the wake would learn it (answers drift to
+            "Hugging Face") and every step would pay for it. `None` keeps the template's default.
         wake (`str`, defaults to `"fast"`):
             `"fast"`: learn each session in the fast expert with `SFTTrainer`; `"context"`: no weight change while
             awake, the session's documents are the teacher's context during consolidation.
@@ -242,6 +251,9 @@ class SleepConfig:
     slow_slots: int | None = field(default=None, metadata={"help": "Slow experts pre-allocated (None: sessions)."})
     slow_gate: str = field(default="sigmoid", metadata={"help": "'fixed' or 'sigmoid' gate of the slow level."})
     # the cycle
+    system_prompt: str | None = field(
+        default="", metadata={"help": "System turn of every conversation ('' empty; None: the template's default)."}
+    )
     wake: str = field(default="fast", metadata={"help": "'fast' (fast expert, SFT) or 'context' (in context)."})
     sleep: bool = field(default=True, metadata={"help": "False: sequential fine-tuning baseline."})
     replay_prompts: int = field(default=16, metadata={"help": "Prompts replayed from each earlier session."})

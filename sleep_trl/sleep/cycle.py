@@ -24,11 +24,12 @@ from ..assets import resolve_model_path
 from ..data import make_world
 from ..dreaming.tau import NoContextQA
 from ..eval import AccuracyMatrix, ClosedBookQA
+from ..eval.qa import has_chat_template
 from ..memory import LevelConfig, MemoryConfig, attach_memory, load_memory
 from ..trainers.dream_trainer import DreamTrainer
 from .config import SleepConfig
 from .consolidation import consolidate
-from .data import consolidation_prompts, wake_texts
+from .data import consolidation_prompts, length_grouped_order, wake_texts
 from .ledger import Ledger, PhaseRecord
 from .report import finalize, load_report
 
@@ -47,8 +48,10 @@ class SleepCycle:
         self.config = config
         self.console = console or Console()
         self.output_dir = Path(config.output_dir)
+        self.system_prompt = config.system_prompt
         self.qa = ClosedBookQA(
-            metric=config.eval_metric, max_new_tokens=config.eval_max_new_tokens, batch_size=config.eval_batch_size
+            metric=config.eval_metric, max_new_tokens=config.eval_max_new_tokens, batch_size=config.eval_batch_size,
+            system_prompt=config.system_prompt,
         )
 
     # -----------------------------------------------------------------------------------------------------------------
@@ -92,7 +95,10 @@ class SleepCycle:
         cfg = self.config
         self.world = make_world(cfg.num_sessions, cfg.facts_per_session, cfg.seed, doc_variants=cfg.doc_variants)
         self.tokenizer, self.model = self._load_model()
-        self.wake_steps = cfg.wake_steps(len(wake_texts(self.world.sessions[0], self.tokenizer)))
+        if not has_chat_template(self.tokenizer):
+            self.system_prompt = None  # plain-text models have no system turn
+            self.qa.system_prompt = None
+        self.wake_steps = cfg.wake_steps(len(self._wake_texts(0)))
         self.memory = attach_memory(self.model, self._memory_config())
         resume_from = ledger.last_checkpoint()
         if resume_from is not None:
@@ -146,6 +152,9 @@ class SleepCycle:
             seed=cfg.seed,
         )
 
+    def _wake_texts(self, k: int) -> list[str]:
+        return wake_texts(self.world.sessions[k], self.tokenizer, self.system_prompt)
+
     def _phase_dir(self, name: str) -> str:
         return str(self.output_dir / "trainer" / name)
 
@@ -174,7 +183,15 @@ class SleepCycle:
                      for n in mem.names(mem.parameters(level, slots=range(mem.unlocked(level))))]
         mem.freeze_all_but(names)
         args = cfg.phase_config("wake_args", output_dir=self._phase_dir(f"s{k}-wake"), seed=seed, max_steps=steps)
-        data = Dataset.from_dict({"text": wake_texts(self.world.sessions[k], self.tokenizer)})
+        texts = self._wake_texts(k)
+        if args.train_sampling_strategy == "group_by_length":
+            # Batches of similar length, epochs laid out in the data (see `length_grouped_order`), read in order.
+            lengths = [len(self.tokenizer(t)["input_ids"]) for t in texts]
+            per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+            order = length_grouped_order(lengths, steps * per_step, per_step, seed)
+            texts = [texts[i] for i in order]
+            args.train_sampling_strategy = "sequential"
+        data = Dataset.from_dict({"text": texts})
         trainer = SFTTrainer(model=self.model, args=args, train_dataset=data, processing_class=self.tokenizer,
                              callbacks=[RichProgressCallback()])
         result = trainer.train()
@@ -183,7 +200,9 @@ class SleepCycle:
     def _consolidate(self, k: int, seed: int):
         cfg = self.config
         in_context = cfg.wake == "context"
-        data = consolidation_prompts(self.world, k, cfg.replay_prompts, seed, with_context=in_context)
+        data = consolidation_prompts(
+            self.world, k, cfg.replay_prompts, seed, with_context=in_context, system_prompt=self.system_prompt
+        )
         fields = {
             **cfg.phase_fields("consolidation_args"), "use_cpu": not torch.cuda.is_available(),
             "output_dir": self._phase_dir(f"s{k}-consolidate"), "seed": seed,
@@ -201,6 +220,7 @@ class SleepCycle:
         args = cfg.phase_config(
             "dream_args", output_dir=self._phase_dir(f"s{k}-dream"), seed=seed, tau="qa",
             tau_metric=cfg.eval_metric, tau_max_new_tokens=cfg.eval_max_new_tokens,
+            dream_system_prompt=self.system_prompt,
             # each router also turns on one random unlocked expert while dreaming (routed slow levels only)
             random_expert_sampling=cfg.slow_gate == "sigmoid",
         )

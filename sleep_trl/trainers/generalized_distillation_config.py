@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from trl import DistillationConfig
 
+TEACHER_CACHES = ("auto", "on", "off")
 TEACHER_COMBINATIONS = ("logit_mean", "prob_mean")
 TEACHER_VIEWS = ("memory", "disable_adapter", "self")
 EDIT_DISTANCE_UNITS = ("token", "char")
@@ -59,6 +60,11 @@ class GeneralizedDistillationConfig(DistillationConfig):
             The student continues from its own prompt (not a `teacher_prompt`) plus the prefix, with up to as many new
             tokens as the longest remaining target in the batch, and is scored against the remaining part of the
             teacher sample (not the shared prefix, which would inflate both rewards).
+        imitation_prefix_sharing (`bool`, *optional*, defaults to `True`):
+            Read each teacher prefix once: the student's continuations are sampled from one KV cache of the prefix
+            (repeated along the batch), and its loss forward packs the distillation sequence and every continuation
+            of a prompt into one row with a 4D attention mask (`prefix_sharing.py`; every token computes what it
+            computes in a row of its own). `False` runs every continuation as a row of its own.
         epsilon (`float`, *optional*, defaults to `0.2`):
             Clipping range of the policy ratio in the imitation objective (PPO/GRPO style).
         scale_advantages (`bool`, *optional*, defaults to `True`):
@@ -97,6 +103,24 @@ class GeneralizedDistillationConfig(DistillationConfig):
             context: the model "learned it in context") while the student sees `prompt`; both are compared on the same
             completion tokens.
 
+        teacher_cache (`str`, *optional*, defaults to `"auto"`):
+            Do the frozen teacher's work once per run (`teacher_cache.py`): before the first step, sample the
+            teacher on every distinct prompt as often as the run draws it, in large batches (and compute its hidden
+            states on the samples, see `teacher_cache_hidden_states`); every off-policy batch and every imitation
+            target then takes a cached sample, and off-policy batches need no teacher forward. `"auto"`: when the
+            teacher cannot change during training (separate teacher models; the `memory` view while only the newest
+            expert trains; `disable_adapter` while only adapter weights train); `"on"`: also for a `teacher_view`
+            callable you know to be frozen; `"off"`: the teacher samples and runs per batch (needed when it changes,
+            e.g. `teacher_view: self`).
+        teacher_cache_hidden_states (`bool`, *optional*, defaults to `True`):
+            Keep the teacher's last hidden states on the cached samples (`samples x tokens x hidden_size` floats:
+            about 8 MB for SmolLM2-135M and 400 samples of 8 tokens); `False` keeps only the samples and runs the
+            teacher forward per batch.
+        teacher_samples_per_prompt (`int` or `None`, *optional*, defaults to `None`):
+            Cached samples per distinct prompt; `None`: as many as the schedule draws the prompt (the number of
+            epochs `max_steps` covers), so no sample is used twice.
+        teacher_cache_batch_size (`int`, *optional*, defaults to `64`):
+            Prompts per batched `generate`/forward call while filling the cache.
         replay_column (`str`, *optional*, defaults to `"replay"`):
             Rows whose value in this column is true are replayed old knowledge: with a teacher view they are taught
             by the replay view instead (for `teacher_view: memory`, the long-term memory as it was before this sleep,
@@ -142,6 +166,9 @@ class GeneralizedDistillationConfig(DistillationConfig):
     imitation_max_prefix: float = field(
         default=0.6, metadata={"help": "Largest fraction of a teacher sample kept as the imitation prefix."}
     )
+    imitation_prefix_sharing: bool = field(
+        default=True, metadata={"help": "Read each teacher prefix once (shared KV cache, packed loss forward)."}
+    )
     epsilon: float = field(default=0.2, metadata={"help": "Clip range of the imitation policy ratio."})
     scale_advantages: bool = field(
         default=True, metadata={"help": "Divide group-centred rewards by the group std (GRPO)."}
@@ -169,6 +196,19 @@ class GeneralizedDistillationConfig(DistillationConfig):
     )
     teacher_prompt_column: str = field(
         default="teacher_prompt", metadata={"help": "Dataset column the teacher conditions on instead of `prompt`."}
+    )
+    teacher_cache: str = field(
+        default="auto",
+        metadata={"help": "Teacher samples (and hidden states) computed once per run: 'auto', 'on' or 'off'."},
+    )
+    teacher_cache_hidden_states: bool = field(
+        default=True, metadata={"help": "Cache the teacher's hidden states on its samples too."}
+    )
+    teacher_samples_per_prompt: int | None = field(
+        default=None, metadata={"help": "Cached samples per prompt (None: as many as the schedule draws it)."}
+    )
+    teacher_cache_batch_size: int = field(
+        default=64, metadata={"help": "Prompts per batched call while filling the teacher cache."}
     )
     replay_column: str = field(
         default="replay", metadata={"help": "Dataset column marking replayed rows (taught by the replay view)."}
@@ -213,6 +253,12 @@ class GeneralizedDistillationConfig(DistillationConfig):
             raise ValueError(
                 f"`teacher_combination` must be one of {TEACHER_COMBINATIONS}, got {self.teacher_combination!r}."
             )
+        if self.teacher_cache not in TEACHER_CACHES:
+            raise ValueError(f"`teacher_cache` must be one of {TEACHER_CACHES}, got {self.teacher_cache!r}.")
+        if self.teacher_samples_per_prompt is not None and self.teacher_samples_per_prompt < 1:
+            raise ValueError(f"`teacher_samples_per_prompt` must be >= 1 or None, got {self.teacher_samples_per_prompt}.")
+        if self.teacher_cache_batch_size < 1:
+            raise ValueError(f"`teacher_cache_batch_size` must be >= 1, got {self.teacher_cache_batch_size}.")
         if self.teacher_view not in (None, *TEACHER_VIEWS):
             raise ValueError(f"`teacher_view` must be None or one of {TEACHER_VIEWS}, got {self.teacher_view!r}.")
         if self.teachers is not None and self.teacher_model_name_or_path is not None:

@@ -112,18 +112,23 @@ def imitation_rewards(
     judge: Callable[[Sequence[str], Sequence[str]], list[float]] | None,
     max_edit_distance: int | None = None,
     unit: str = "token",
+    reference_embeddings=None,
 ) -> tuple[list[float], list[float]]:
     """`(r_abs, r_sem)` of each continuation against its reference (the teacher's own continuation).
 
     `r_abs`: 1 minus the normalised Levenshtein distance over token ids (`unit="token"`) or decoded characters
     (`"char"`), zero beyond `max_edit_distance`; `r_sem`: the judge's verdict on the decoded texts (all zeros when
-    `gamma` is 0, without calling it). The reward is `gamma * r_sem + (1 - gamma) * r_abs`."""
-    if unit == "char" or gamma > 0.0:
-        texts = [decode(c) for c in continuations]
-        ref_texts = [decode(r) for r in references]
+    `gamma` is 0, without calling it). The reward is `gamma * r_sem + (1 - gamma) * r_abs`. With
+    `reference_embeddings` (the judge's `embed` of the references, made once) and a judge that has `embed` and
+    `compare` (`SemanticJudge`), only the continuations are embedded."""
+    texts = [decode(c) for c in continuations] if unit == "char" or gamma > 0.0 else None
     if unit == "char":
+        ref_texts = [decode(r) for r in references]
         r_abs = [edit_similarity(c, r, max_edit_distance) for c, r in zip(texts, ref_texts, strict=True)]
     else:
         r_abs = [edit_similarity(c, r, max_edit_distance) for c, r in zip(continuations, references, strict=True)]
-    r_sem = list(judge(texts, ref_texts)) if gamma > 0.0 else [0.0] * len(continuations)
-    return r_abs, r_sem
+    if gamma == 0.0:
+        return r_abs, [0.0] * len(continuations)
+    if reference_embeddings is not None and hasattr(judge, "embed") and hasattr(judge, "compare"):
+        return r_abs, list(judge.compare(judge.embed(texts), reference_embeddings))
+    return r_abs, list(judge(texts, [decode(r) for r in references]))

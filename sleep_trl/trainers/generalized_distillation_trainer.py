@@ -5,6 +5,7 @@ Where things are:
   pieces (generalized JSD, group advantages, clipped policy loss, prefix cuts, imitation rewards) are in
   `generalized_distillation_objective.py`;
 - the teachers (separate models or views of the student, replay views, sampling, hidden states): `teachers.py`;
+- the frozen teacher's samples and hidden states computed once per run: `teacher_cache.py`;
 - the data each part of the loss needs is produced once per generation batch in `_generate_and_score_completions`
   and travels in the batch dict, as in TRL.
 
@@ -34,10 +35,12 @@ import torch.nn.functional as F
 from trl import DistillationTrainer
 from trl.data_utils import is_conversational
 from trl.kernels import ChunkedLogProbFunction
+from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.distillation_trainer import _chunked_divergence_loss
 from trl.trainer.utils import pad
 
 from ..assets import resolve_model_path
+from ..generation.hf import sample_continuations
 from ..generation.vllm_cpu import (
     attach_vllm_generation,
     enable_cpu_weight_sync,
@@ -56,17 +59,29 @@ from .generalized_distillation_objective import (
     imitation_rewards,
     logit_scale_of,
 )
+from .prefix_sharing import gather_positions, pack_rows
+from .teacher_cache import CachedSample, TeacherCache, build_teacher_cache, row_key
 from .teachers import (
     Teacher,
+    backbone_of,
     TeacherSet,
     load_teachers,
     match_parameters,
-    resolve_view,
     teacher_sources,
+    view_teacher,
 )
 
 # Vocabulary tile of the chunked log-prob kernel (TRL's own default for the same kernel).
 _LOGPROB_CHUNK = 32768
+
+
+def _pad_hidden(states: list[torch.Tensor], width: int) -> torch.Tensor:
+    """`(rows, width, hidden)`: per-row hidden states over the completion tokens, right-padded with zeros (masked
+    out by the completion mask) to the batch's completion width."""
+    out = states[0].new_zeros((len(states), width, states[0].shape[-1]))
+    for row, h in enumerate(states):
+        out[row, : h.shape[0]] = h[:width]
+    return out
 
 
 @dataclass
@@ -80,6 +95,8 @@ class _GenerationBatch:
     replay: list[bool]
     teacher_prompt_ids: list[list[int]] | None
     teacher_completions: list[list[int]] | None = field(default=None)
+    cached: list[CachedSample] | None = field(default=None)  # the teacher-cache samples the batch took
+    teacher_hidden: list[torch.Tensor] | None = field(default=None)  # captured while the teacher sampled
 
 
 class GeneralizedDistillationTrainer(DistillationTrainer):
@@ -167,11 +184,9 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
                 quantization_config=quantization_config, peft_config=peft_config, tools=tools,
             )
         self.vocab_size = len(self._tokenizer)
-        if sources:
-            teachers = load_teachers(self, sources, args)
-        else:
-            view, replay = resolve_view(self.model, args, teacher_view, replay_view)
-            teachers = [Teacher(weight=1.0, view=view, replay_view=replay, name="teacher_view")]
+        teachers = load_teachers(self, sources, args) if sources else [
+            view_teacher(self.model, args, teacher_view, replay_view)
+        ]
         self.teachers = TeacherSet(self, teachers, has_replay=self._check_replay(train_dataset, args, teachers))
         self.teacher_model = self.teachers.first_model
         self._check_teacher_heads()
@@ -181,6 +196,8 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
             self.semantic_judge = SemanticJudge(args.semantic_judge, threshold=args.semantic_threshold)
         self._generation_round = 0
         self._batch: _GenerationBatch | None = None
+        self._teacher_cache: TeacherCache | None = None
+        self.uses_teacher_cache = self._teacher_can_be_cached(args)
         if deferred_engine or (self.use_vllm and args.vllm_mode == "colocate"):
             self._setup_vllm(deferred_engine)
         self._suppress_padded_vocab()
@@ -230,6 +247,29 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
                 "or expand a continuum memory slot before training."
             )
         return count
+
+    def _teacher_can_be_cached(self, args: GeneralizedDistillationConfig) -> bool:
+        """Whether the teacher's samples and hidden states are computed once (`teacher_cache`): only when it cannot
+        change while the student trains, or when the user vouches for it (`"on"`)."""
+        if args.teacher_cache == "off" or self.tools:
+            return False
+        if args.teacher_cache == "on":
+            return True
+        trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        for teacher in self.teachers:
+            if not teacher.is_view:
+                continue
+            if teacher.name == "memory":
+                memory = find_memory(self.model)
+                if not trainable <= set(memory.trainable_parameters(root=self.model)):
+                    return False  # something the view still shows is training
+            elif teacher.name == "disable_adapter":
+                adapters = list(getattr(self.model, "peft_config", {}))
+                if not all(any(f".{a}." in n for a in adapters) for n in trainable):
+                    return False
+            else:  # `self`, or a callable view: it may be the student as it trains
+                return False
+        return True
 
     def _head_rows(self, module) -> int:
         return self.accelerator.unwrap_model(module).config.get_text_config().vocab_size
@@ -350,6 +390,8 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
             teacher_prompt_ids=teacher_prompt_ids,
         )
         self._metrics[mode]["distill/on_policy"].append(float(batch.sampler == "student"))
+        if training and self.uses_teacher_cache and self._teacher_cache is None:
+            self._fill_teacher_cache()
         self._batch = batch
         try:
             output = super()._generate_and_score_completions(inputs)
@@ -362,16 +404,55 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
             tp = [torch.tensor(ids) for ids in teacher_prompt_ids]
             output["teacher_prompt_ids"] = pad(tp, self._tokenizer.pad_token_id, padding_side="left").to(device)
             output["teacher_prompt_mask"] = pad([torch.ones_like(t) for t in tp], 0, padding_side="left").to(device)
+        hidden = batch.teacher_hidden and [[h] for h in batch.teacher_hidden]
+        if batch.cached is not None and all(c.hidden is not None for c in batch.cached):
+            hidden = [c.hidden for c in batch.cached]
+        if hidden:  # the teacher's hidden states on its own samples: the divergence runs no teacher forward
+            width = output["completion_ids"].size(1)
+            for t in range(len(self.teachers)):
+                output[f"teacher_hidden_{t}"] = _pad_hidden([h[t] for h in hidden], width).to(device)
         if args.alpha < 1.0:
             prompt_ids = [ids[m.bool()].tolist() for ids, m in zip(output["prompt_ids"], output["prompt_mask"])]
+            if batch.cached is None and self._teacher_cache is not None and training:
+                batch.cached = self._cached_samples(prompt_ids, batch)  # on-policy batch: cached imitation targets
             targets = batch.teacher_completions
-            if targets is None:  # on-policy batch: the imitation term still needs teacher data
+            if batch.cached is not None:
+                targets = [c.completion for c in batch.cached]
+            elif targets is None:  # on-policy batch: the imitation term still needs teacher data
                 targets = (
                     self._teacher_samples(prompt_ids, batch) if args.seq_kd
                     else self._dataset_completions(prompt_ids, batch.rows)
                 )
-            output.update(self._imitation_rollouts(prompt_ids, targets, mode))
+            shares = batch.sampler != "student"  # the distillation sequence is the sample the prefix is cut from
+            output.update(self._imitation_rollouts(prompt_ids, targets, mode, batch.cached, shares))
         return output
+
+    def _fill_teacher_cache(self) -> None:
+        """Sample the frozen teacher on every distinct training prompt once (`teacher_cache.py`), and embed the
+        texts Learning to Imitate will compare against."""
+        cache = build_teacher_cache(self, list(self.train_dataset))
+        if self.args.alpha < 1.0 and self.args.gamma > 0.0 and hasattr(self.semantic_judge, "embed"):
+            flat = [s for pool in cache.samples.values() for s in pool]
+            decode = self._tokenizer.decode
+            embeddings = self.semantic_judge.embed([decode(s.completion[s.cut :], skip_special_tokens=True) for s in flat])
+            for sample, embedding in zip(flat, embeddings, strict=True):
+                sample.suffix_embedding = embedding
+        self._teacher_cache = cache
+        self._metrics["train"]["teacher_cache/seconds"].append(cache.seconds)
+        self._metrics["train"]["teacher_cache/samples"].append(float(len(cache)))
+        self._metrics["train"]["teacher_cache/hidden_megabytes"].append(cache.hidden_bytes / 2**20)
+
+    def _cached_samples(self, prompt_ids: list[list[int]], batch: _GenerationBatch) -> list[CachedSample]:
+        """The next cached teacher sample of every row of the batch."""
+        teacher_ids = batch.teacher_prompt_ids or [None] * len(prompt_ids)
+        keys = [row_key(p, t, r) for p, t, r in zip(prompt_ids, teacher_ids, batch.replay, strict=True)]
+        missing = [k for k in keys if k not in self._teacher_cache]
+        if missing:
+            raise RuntimeError(
+                f"{len(missing)} prompts of this batch are not in the teacher cache (built from `train_dataset` before "
+                "the first step); was the dataset changed during training? Set `teacher_cache: off` to sample per batch."
+            )
+        return [self._teacher_cache.take(k) for k in keys]
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
         # The parent calls this to write the distillation sequences; off-policy batches are written by the teacher or
@@ -379,21 +460,28 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
         batch = self._batch
         if batch is None or batch.sampler == "student":
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
-        if batch.sampler == "teacher":
+        if self._teacher_cache is not None and self.model.training:
+            batch.cached = self._cached_samples(prompt_ids, batch)
+            completions = [list(c.completion) for c in batch.cached]
+        elif batch.sampler == "teacher" and self.teachers.can_capture_hidden:
+            completions, batch.teacher_hidden = self._teacher_samples(prompt_ids, batch, capture_hidden=True)
+        elif batch.sampler == "teacher":
             completions = self._teacher_samples(prompt_ids, batch)
         else:
             completions = self._dataset_completions(prompt_ids, batch.rows)
         batch.teacher_completions = completions
         return completions
 
-    def _teacher_samples(self, prompt_ids: list[list[int]], batch: _GenerationBatch | None = None):
+    def _teacher_samples(self, prompt_ids: list[list[int]], batch: _GenerationBatch | None = None,
+                         capture_hidden: bool = False):
         """Teacher samples for the batch's prompts (its `teacher_prompt`s when it has them), each prompt written by
-        one teacher drawn with `teacher_weights`, replayed rows by the replay view."""
+        one teacher drawn with `teacher_weights`, replayed rows by the replay view (with `capture_hidden`, also the
+        teacher's hidden states on them)."""
         if batch is not None and batch.teacher_prompt_ids is not None:
             prompt_ids = batch.teacher_prompt_ids
         replay = batch.replay if batch is not None and len(batch.replay) == len(prompt_ids) else None
         rng = self._round_rng(1 + self.accelerator.process_index)
-        return self.teachers.sample(prompt_ids, replay or [False] * len(prompt_ids), rng)
+        return self.teachers.sample(prompt_ids, replay or [False] * len(prompt_ids), rng, capture_hidden=capture_hidden)
 
     def _dataset_completions(self, prompt_ids: list[list[int]], rows: list[dict]) -> list[list[int]]:
         """Token ids of the batch's `completion` column, as the chat template renders them after the prompt."""
@@ -433,20 +521,51 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
             if vllm is not None:
                 vllm.max_completion_length = old_vllm
 
-    def _imitation_rollouts(self, prompt_ids, targets, mode: str) -> dict[str, torch.Tensor]:
-        """Learning to Imitate: cut teacher samples at random prefixes, let the student continue, reward, advantage."""
+    def _student_continuations(self, prefixes: list[list[int]], num: int) -> list[list[int]]:
+        """`num` student continuations of every prefix (consecutive), each prefix read once on the transformers path
+        (`imitation_prefix_sharing`); vLLM and the unshared path sample repeated prompts."""
+        if self.use_vllm or not self.args.imitation_prefix_sharing:
+            return super()._generate_single_turn([p for p in prefixes for _ in range(num)], None, {})
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                generation_kwargs=self.generation_kwargs,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as unwrapped,
+            self._dist.summon_full_params(self.model_wrapped, recurse=False),
+        ):
+            return sample_continuations(
+                unwrapped, prefixes, num, pad_id=self._tokenizer.pad_token_id, eos_token_ids=self.eos_token_ids,
+                generation_config=self.generation_config,
+            )
+
+    def _imitation_rollouts(self, prompt_ids, targets, mode: str, cached=None, shares=False) -> dict[str, torch.Tensor]:
+        """Learning to Imitate: cut teacher samples at random prefixes, let the student continue, reward, advantage.
+
+        With cached teacher samples the cut points (and the judge's embeddings of the remaining text) come with
+        them, drawn once when the cache was filled."""
         args = self.args
         G = args.num_imitation_generations
         device = self.accelerator.device
-        rng = self._round_rng(10_000 + self.accelerator.process_index)
-        prefixes, suffixes = cut_prefixes(prompt_ids, targets, rng, args.imitation_min_prefix, args.imitation_max_prefix)
+        if cached is not None:
+            prefixes = [list(p) + c.completion[: c.cut] for p, c in zip(prompt_ids, cached, strict=True)]
+            suffixes = [c.completion[c.cut :] for c in cached]
+        else:
+            rng = self._round_rng(10_000 + self.accelerator.process_index)
+            prefixes, suffixes = cut_prefixes(
+                prompt_ids, targets, rng, args.imitation_min_prefix, args.imitation_max_prefix
+            )
         rollout_prompts = [p for p in prefixes for _ in range(G)]
         with self._max_new_tokens(max(1, max(len(s) for s in suffixes))):
-            continuations = super()._generate_single_turn(rollout_prompts, None, {})
+            continuations = self._student_continuations(prefixes, G)
         refs = [s for s in suffixes for _ in range(G)]
+        ref_embeddings = None
+        if cached is not None and all(c.suffix_embedding is not None for c in cached):
+            ref_embeddings = torch.stack([c.suffix_embedding for c in cached for _ in range(G)])
         r_abs, r_sem = imitation_rewards(
             continuations, refs, gamma=args.gamma, decode=lambda ids: self._tokenizer.decode(ids, skip_special_tokens=True),
             judge=self.semantic_judge, max_edit_distance=args.max_edit_distance, unit=args.edit_distance_unit,
+            reference_embeddings=ref_embeddings,
         )
         r_abs_t = torch.tensor(r_abs, dtype=torch.float32, device=device)
         r_sem_t = torch.tensor(r_sem, dtype=torch.float32, device=device)
@@ -469,8 +588,13 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
         imit_completion_ids = pad(c_t, pad_id, padding_side="right").to(device)
         imit_completion_mask = pad(c_mask, 0, padding_side="right").to(device)
         num_items = self.accelerator.gather(imit_completion_mask.sum()).sum()
+        teacher_prefixes = [torch.tensor(p[len(q):] or [pad_id]) for p, q in zip(prefixes, prompt_ids, strict=True)]
+        prefix_mask = [torch.tensor([1] * (len(p) - len(q)) or [0]) for p, q in zip(prefixes, prompt_ids, strict=True)]
         # Shaped (B, G, ...) so TRL's shuffle/split of the generation batch keeps each prompt's group together.
         return {
+            "imit_prefix_ids": pad(teacher_prefixes, pad_id, padding_side="right").to(device),
+            "imit_prefix_mask": pad(prefix_mask, 0, padding_side="right").to(device),
+            "imit_shares_sequence": torch.full((B,), bool(shares), device=device),
             "imit_prompt_ids": imit_prompt_ids.view(B, G, -1),
             "imit_prompt_mask": imit_prompt_mask.view(B, G, -1),
             "imit_completion_ids": imit_completion_ids.view(B, G, -1),
@@ -503,21 +627,41 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
         entropy_sum = torch.zeros((), device=device)
         n_valid = torch.zeros((), device=device, dtype=torch.long)
         parts = {}
+        imitating = alpha < 1.0 and "imit_completion_ids" in inputs
+        h_sequence = h_continuations = None
+        if imitating and alpha > 0.0 and self.args.imitation_prefix_sharing:
+            h_sequence, h_continuations = self._packed_student_hidden(unwrapped_student, inputs)
         if alpha > 0.0:
-            distill, entropy_sum, n_valid = self._distillation_loss(unwrapped_student, inputs, num_items_in_batch)
+            distill, entropy_sum, n_valid = self._distillation_loss(
+                unwrapped_student, inputs, num_items_in_batch, student_hidden=h_sequence
+            )
             loss = loss + alpha * distill
             parts["distill/loss"] = distill.detach()
-        if alpha < 1.0 and "imit_completion_ids" in inputs:
-            imitation = self._imitation_loss(unwrapped_student, inputs)
+        if imitating:
+            imitation = self._imitation_loss(unwrapped_student, inputs, hidden=h_continuations)
             loss = loss + (1 - alpha) * imitation
             parts["imitation/loss"] = imitation.detach()
         inputs["loss_parts"] = parts
         return loss, entropy_sum, n_valid
 
+    def _packed_student_hidden(self, student, inputs):
+        """The student's hidden states for the distillation sequence and every imitation continuation of each
+        prompt, from one forward of shared-prefix rows (`prefix_sharing.py`): `(B, K, H)` and `(B * G, Kc, H)`."""
+        packed = pack_rows(
+            inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"], inputs["completion_mask"],
+            inputs["imit_prefix_ids"], inputs["imit_prefix_mask"], inputs["imit_shares_sequence"],
+            inputs["imit_completion_ids"], inputs["imit_completion_mask"], self._tokenizer.pad_token_id,
+        )
+        hidden = backbone_of(student)(
+            input_ids=packed.input_ids, attention_mask=packed.attention_mask, position_ids=packed.position_ids,
+            use_cache=False,
+        ).last_hidden_state
+        return gather_positions(hidden, packed.sequence_index), gather_positions(hidden, packed.continuation_index).flatten(0, 1)
+
     def _head(self, module, sliced: bool):
         return self.teachers.head(module, sliced, self.vocab_size)
 
-    def _distillation_loss(self, student, inputs, num_items_in_batch):
+    def _distillation_loss(self, student, inputs, num_items_in_batch, student_hidden=None):
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         loss_mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
@@ -528,8 +672,13 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
         else:
             t_ids, t_mask = input_ids, attention_mask
         K = completion_ids.size(1)
-        h_s = self._get_last_hidden_state(student, input_ids, attention_mask, K)
-        h_ts = self.teachers.hidden_states(student, t_ids, t_mask, K, inputs.get("replay_mask"))
+        if student_hidden is None:
+            student_hidden = self._get_last_hidden_state(student, input_ids, attention_mask, K)
+        h_s = student_hidden
+        if "teacher_hidden_0" in inputs:  # off-policy batch with cached teacher hidden states: no teacher forward
+            h_ts = [inputs[f"teacher_hidden_{t}"] for t in range(len(self.teachers))]
+        else:
+            h_ts = self.teachers.hidden_states(student, t_ids, t_mask, K, inputs.get("replay_mask"))
         sliced = self._needs_vocab_slice
         w_s, b_s = self._head(student, sliced)
         s_cfg = student.config.get_text_config()
@@ -591,7 +740,7 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
             entropy_sum = -(log_ps.exp() * log_ps).sum()
         return loss, entropy_sum, valid.sum()
 
-    def _imitation_loss(self, student, inputs) -> torch.Tensor:
+    def _imitation_loss(self, student, inputs, hidden=None) -> torch.Tensor:
         """Clipped policy gradient on the student's continuations of teacher prefixes, group-normalised advantages.
 
         One policy update per generation batch: the behaviour policy equals the current one, so `old_logps` is the
@@ -606,7 +755,8 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
         K = completion_ids.size(1)
-        hidden = self._get_last_hidden_state(student, input_ids, attention_mask, K)
+        if hidden is None:  # every continuation as a row of its own
+            hidden = self._get_last_hidden_state(student, input_ids, attention_mask, K)
         weight, bias = self._head(student, self._needs_vocab_slice)
         cfg = student.config.get_text_config()
         mask = completion_mask.bool().to(weight.device)

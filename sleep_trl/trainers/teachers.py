@@ -45,6 +45,9 @@ class Teacher:
     view: Callable[[], Any] | None = None
     replay_view: Callable[[], Any] | None = None  # the view that teaches replayed (old) rows, for a view teacher
     name: str = "teacher"
+    # `row_view(replay_mask)`: one view in which replayed rows see the replay view and the others the teacher view,
+    # so one forward or generate call serves a mixed batch (the continuum memory's per-row view).
+    row_view: Callable[[torch.Tensor], Any] | None = None
 
     @property
     def is_view(self) -> bool:
@@ -54,6 +57,24 @@ class Teacher:
     def splits_replay(self) -> bool:
         """Replayed rows need a view of their own (a separate forward/generate call)."""
         return self.is_view and self.replay_view is not None and self.replay_view is not self.view
+
+
+def backbone_of(model):
+    """The transformer backbone whose output is the last hidden state (what TRL's `_get_last_hidden_state` runs)."""
+    if is_peft_model(model):
+        model = model.base_model.model
+    return model.base_model
+
+
+def _capture_into(captured: list):
+    """A forward hook that keeps, per forward of a generation, the last hidden state of each row's newest position
+    (the prefill's last position, then each decoding step's single one)."""
+
+    def hook(module, args, output):
+        hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        captured.append(hidden[:, -1:].detach())
+
+    return hook
 
 
 def tokenizer_fingerprint(tokenizer) -> tuple:
@@ -82,22 +103,31 @@ def teacher_sources(teacher_model, args) -> list:
     return sources
 
 
-def resolve_view(student, args, teacher_view=None, replay_view=None):
-    """The teacher view and the replay view (who teaches rows marked in `replay_column`) of a student."""
+def view_teacher(student, args, teacher_view=None, replay_view=None) -> Teacher:
+    """The teacher that is the student itself seen through a view: the teacher view, the replay view (who teaches
+    rows marked in `replay_column`) and, for the continuum memory, the per-row view serving both in one call."""
     if teacher_view is not None:
-        return teacher_view, replay_view
+        return Teacher(weight=1.0, view=teacher_view, replay_view=replay_view, name="teacher_view")
     if args.teacher_view == "self":
-        return contextlib.nullcontext, contextlib.nullcontext
+        return Teacher(weight=1.0, view=contextlib.nullcontext, replay_view=contextlib.nullcontext, name="self")
     if args.teacher_view == "disable_adapter":
         if not is_peft_model(student):
             raise ValueError("`teacher_view: disable_adapter` needs a PEFT student (pass a `peft_config`).")
         view = student.disable_adapter  # one bound method for both: replayed rows need no separate call
-        return view, view
+        return Teacher(weight=1.0, view=view, replay_view=view, name="disable_adapter")
     memory = find_memory(student)
     if memory is not None:
         # Replayed old knowledge is taught by the long-term memory as it was before this sleep: the levels the
         # student has suspended (the awake fast level, which may have overwritten old answers) stay silent.
-        return memory.teacher_view, lambda: memory.teacher_view(suspend=set(memory.state.suspended))
+        return Teacher(
+            weight=1.0,
+            view=memory.teacher_view,
+            replay_view=lambda: memory.teacher_view(suspend=set(memory.state.suspended)),
+            row_view=lambda replay: memory.teacher_view(
+                rows_suspend={level: replay for level in memory.state.suspended}
+            ),
+            name="memory",
+        )
     if args.teacher_view == "memory":
         raise ValueError(
             "`teacher_view: memory` needs a continuum memory attached to the student "
@@ -192,13 +222,21 @@ class TeacherSet:
         return student if teacher.is_view else self.trainer.accelerator.unwrap_model(teacher.model)
 
     # ---- which rows each view teaches --------------------------------------------------------------------------
-    def view_groups(self, teacher: Teacher, replay: Sequence[bool]) -> list[tuple[Callable, list[int]]]:
-        """`(view, rows)` pairs covering the batch: the teacher view for new rows, the replay view for replayed
-        ones (only when they differ). Empty groups are dropped, except under DeepSpeed, where every process must run
-        the same calls (see the module docstring)."""
+    def view_groups(self, teacher: Teacher, replay: Sequence[bool], *, split: bool = False):
+        """`(view, rows)` pairs covering the batch in as few calls as the teacher allows.
+
+        A teacher with a per-row view (the continuum memory) serves new and replayed rows together: one group.
+        Otherwise the teacher view takes the new rows and the replay view the replayed ones (only when they differ);
+        empty groups are dropped, except under DeepSpeed, where every process must run the same calls (see the
+        module docstring). `split=True` forces the two-call form (vLLM serves dense weights: no per-row view)."""
         n = len(replay)
         if not (teacher.splits_replay and self.has_replay):
             return [(teacher.view, list(range(n)))]
+        if teacher.row_view is not None and not split:
+            mask = torch.tensor(list(replay), dtype=torch.bool)
+            if not mask.any():
+                return [(teacher.view, list(range(n)))]
+            return [(lambda: teacher.row_view(mask), list(range(n)))]
         groups = [
             (teacher.view, [i for i in range(n) if not replay[i]]),
             (teacher.replay_view, [i for i in range(n) if replay[i]]),
@@ -242,43 +280,66 @@ class TeacherSet:
         return out
 
     # ---- samples ------------------------------------------------------------------------------------------------
-    def sample(self, prompt_ids: list[list[int]], replay: Sequence[bool], rng: random.Random) -> list[list[int]]:
-        """Teacher samples for a batch of prompts: each prompt is written by one teacher, drawn with its weight
-        (`rng`), through the view that teaches its row."""
-        trainer = self.trainer
+    def assign(self, n: int, rng: random.Random) -> list[int]:
+        """Which teacher writes each of `n` prompts, drawn with the teachers' weights."""
         weights = [t.weight for t in self.teachers]
-        assignment = [rng.choices(range(len(self.teachers)), weights=weights)[0] for _ in prompt_ids]
+        return [rng.choices(range(len(self.teachers)), weights=weights)[0] for _ in range(n)]
+
+    @property
+    def can_capture_hidden(self) -> bool:
+        """Whether sampling can return the teacher's hidden states on its own samples (one teacher, transformers
+        generation): the divergence then needs no teacher forward on teacher-written sequences."""
+        return len(self.teachers) == 1 and not self.trainer.use_vllm
+
+    def sample(self, prompt_ids: list[list[int]], replay: Sequence[bool], rng: random.Random,
+               assignment: list[int] | None = None, capture_hidden: bool = False):
+        """Teacher samples for a batch of prompts: each prompt is written by one teacher (`assignment`, default drawn
+        with the teachers' weights from `rng`), through the view that teaches its row. With `capture_hidden` (see
+        `can_capture_hidden`), returns `(completions, hidden)`: the teacher's last hidden states over each sample."""
+        trainer = self.trainer
+        if capture_hidden and not self.can_capture_hidden:
+            raise ValueError("Hidden states come with the samples only for a single teacher sampled by transformers.")
+        assignment = self.assign(len(prompt_ids), rng) if assignment is None else assignment
         completions: list[list[int] | None] = [None] * len(prompt_ids)
+        hidden: list[torch.Tensor | None] = [None] * len(prompt_ids)
         for index, teacher in enumerate(self.teachers):
             mine = [i for i, a in enumerate(assignment) if a == index]
             if not mine and not trainer.is_deepspeed_enabled:
                 continue
-            for view, group in self.view_groups(teacher, [replay[i] for i in mine]):
+            groups = self.view_groups(teacher, [replay[i] for i in mine], split=trainer.use_vllm)
+            for view, group in groups:
                 rows = [mine[g] for g in group]
                 # Every process must enter the same generate calls under ZeRO-3 (parameters are gathered).
                 batch = [prompt_ids[i] for i in rows] or [prompt_ids[0]]
-                generated = self._generate(index, teacher, batch, view)
-                for i, ids in zip(rows, generated):
-                    completions[i] = ids
-        return completions  # type: ignore[return-value]
+                generated = self._generate(index, teacher, batch, view, capture_hidden)
+                ids_list, states = generated if capture_hidden else (generated, None)
+                for j, i in enumerate(rows):
+                    completions[i] = ids_list[j]
+                    if states is not None:
+                        hidden[i] = states[j]
+        return (completions, hidden) if capture_hidden else completions
 
-    def _generate(self, index: int, teacher: Teacher, prompt_ids: list[list[int]], view) -> list[list[int]]:
+    def _generate(self, index: int, teacher: Teacher, prompt_ids: list[list[int]], view, capture_hidden=False):
         trainer = self.trainer
         if trainer.use_vllm:
             return self._vllm_generate(index, teacher, prompt_ids, view)
-        if teacher.is_view:
-            with view():
-                return self.hf_generate(trainer.model_wrapped, prompt_ids)
-        return self.hf_generate(teacher.model, prompt_ids)
+        model = trainer.model_wrapped if teacher.is_view else teacher.model
+        with view() if teacher.is_view else contextlib.nullcontext():
+            if capture_hidden:
+                return self.hf_generate(model, prompt_ids, capture_hidden=True)
+            return self.hf_generate(model, prompt_ids)
 
-    def hf_generate(self, model, prompt_ids: list[list[int]]) -> list[list[int]]:
+    def hf_generate(self, model, prompt_ids: list[list[int]], capture_hidden: bool = False):
         """Sample with `transformers.generate` from `model` (a teacher, or the student in a view).
 
-        Mirrors the transformers path of TRL's `_generate_single_turn`, which is bound to the student.
+        Mirrors the transformers path of TRL's `_generate_single_turn`, which is bound to the student. With
+        `capture_hidden`, also returns each row's last hidden states over its completion (the position before each
+        sampled token, what the divergence projects through the head), taken from the generation's own forward
+        passes: no second forward over the sampled sequences. Returns completions, or (completions, hidden).
         """
         trainer = self.trainer
         if not prompt_ids:
-            return []
+            return ([], []) if capture_hidden else []
         device = trainer.accelerator.device
         prompts = [torch.tensor(ids) for ids in prompt_ids]
         pad_id = trainer._tokenizer.pad_token_id
@@ -295,19 +356,26 @@ class TeacherSet:
         ):
             was_training = unwrapped.training
             unwrapped.eval()
+            captured: list[torch.Tensor] = []
+            handle = backbone_of(unwrapped).register_forward_hook(_capture_into(captured)) if capture_hidden else None
             try:
                 out = unwrapped.generate(
                     input_ids=input_ids, attention_mask=attention_mask, generation_config=trainer.generation_config
                 )
             finally:
                 unwrapped.train(was_training)
+                if handle is not None:
+                    handle.remove()
         completions = out[:, input_ids.size(1) :].cpu()
         result = []
         eos = set(trainer.eos_token_ids)
         for row in completions.tolist():
             cut = next((i for i, t in enumerate(row) if t in eos), None)
             result.append(row if cut is None else row[: cut + 1])
-        return result
+        if not capture_hidden:
+            return result
+        steps = torch.cat(captured, dim=1)  # (batch, forward passes, hidden): one position per sampled token
+        return result, [steps[i, : len(ids)].to("cpu", copy=True) for i, ids in enumerate(result)]
 
     def vllm_sampling(self) -> dict[str, Any]:
         """vLLM sampling parameters equal to the trainer's generation settings."""
