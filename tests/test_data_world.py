@@ -182,36 +182,6 @@ def test_trl_sft_trainer_learns_only_the_answer_of_each_pair(world, tmp_path):
     assert trainer.train().global_step == 1  # the extra columns (fact_id, session) do not get in the way
 
 
-@pytest.mark.parametrize("with_context", [False, True])
-def test_consolidation_prompts_hold_the_session_its_documents_and_marked_replay(world, with_context):
-    from sleep_trl.sleep.data import consolidation_prompts
-
-    k, replay = 2, 5
-    data = consolidation_prompts(world, k, replay, seed=0, with_context=with_context)
-    session = world.sessions[k]
-    own_questions = [q for f in session.facts for q in f.train_questions]
-    entities = sorted({f.entity for f in session.facts})
-    assert len(data) == len(own_questions) + len(entities) + k * replay
-    assert sum(data["replay"]) == k * replay
-    earlier = {q for j in range(k) for f in world.sessions[j].facts for q in f.train_questions}
-    docs = {}
-    for row in session.document_rows:
-        docs.setdefault(row["entity"], row["text"])
-    for row in data:
-        question = row["prompt"][0]["content"]
-        if row["replay"]:
-            assert question in earlier  # replay asks earlier sessions' training questions, never their answers
-            assert "completion" not in row
-            if with_context:
-                assert row["teacher_prompt"] == row["prompt"]  # old knowledge is not in the context
-            continue
-        assert question in own_questions or question.startswith("Tell me about ")
-        if with_context:
-            teacher = row["teacher_prompt"][0]["content"]
-            assert teacher.endswith(question) and any(teacher.startswith(doc) for doc in docs.values())
-    assert ("teacher_prompt" in data.column_names) == with_context
-
-
 def test_world_seeding_dataset_puts_each_document_in_the_teachers_context(world):
     from sleep_trl.scripts.seed import world_seeding_dataset
 

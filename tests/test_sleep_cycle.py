@@ -98,12 +98,19 @@ def test_finished_run_is_not_redone(finished_run):
     assert (out / "sleep_report.json").stat().st_mtime_ns == stamp
 
 
-def test_sleep_off_is_sequential_finetuning_of_the_same_parameters(tmp_path):
+def test_sleep_off_is_sequential_finetuning_of_two_experts_with_the_same_budget(tmp_path):
+    """`sleep: false` (= `method: sequential`): no sleep, the same fast and slow expert trained every session (two
+    experts, as a sleeping session trains), never reset, with the wake's and the consolidation's steps."""
     report = run_cycle(tiny_config(tmp_path / "off", "--sleep", "false"))
+    assert report["method"] == "sequential"
     assert [(p["session"], p["phase"]) for p in report["phases"]] == [
         (-1, "base"), (0, "wake"), (0, "eval"), (1, "wake"), (1, "eval")]
     state = memory_state(tmp_path / "off/checkpoints/s1-wake")
-    assert state["unlocked"] == {"fast": 1, "slow": 2}  # every slot the sleeping run would use, never reset
+    assert state["unlocked"] == {"fast": 1, "slow": 1}
+    first = memory_tensors(tmp_path / "off/checkpoints/s0-wake")
+    second = memory_tensors(tmp_path / "off/checkpoints/s1-wake")
+    changed = {k for k in first if not torch.equal(first[k], second[k])}
+    assert changed and all(k.endswith("_0") and (".fast." in k or ".slow." in k) for k in changed)
     wake = [p for p in report["phases"] if p["phase"] == "wake"]
     cfg = report["config"]
     assert all(p["metrics"]["steps"] > cfg["consolidation_args"]["max_steps"] for p in wake)
@@ -237,3 +244,75 @@ def test_wake_batches_group_texts_of_similar_length():
     shuffled = list(range(60))
     random.Random(0).shuffle(shuffled)
     assert grouped < 1.2 and padded(shuffled) / sum(lengths) > grouped + 0.2
+
+
+def test_replay_arm_rehearses_earlier_sessions_answered_by_the_model(tmp_path, monkeypatch):
+    """`method: replay`: from session 1 on, the wake also learns `replay_prompts` questions of each earlier session
+    with the answers the model gave right before the session (or, `replay_source: stored`, the stored ones)."""
+    import sleep_trl.sleep.cycle as cycle
+
+    seen = []
+    real = cycle.rehearsal_texts
+    monkeypatch.setattr(cycle, "rehearsal_texts", lambda c, k, seed: seen.append(real(c, k, seed)) or seen[-1])
+    report = run_cycle(tiny_config(tmp_path / "replay", "--method", "replay", "--replay_prompts", "3"))
+    wake = [p for p in report["phases"] if p["phase"] == "wake"]
+    assert "rehearsal_texts" not in wake[0]["metrics"] and wake[1]["metrics"]["rehearsal_texts"] == 3
+    [texts] = seen
+    assert len(texts) == 3 and all("<|im_start|>assistant\n" in t for t in texts)
+    stored = run_cycle(tiny_config(tmp_path / "stored", "--method", "replay", "--replay_prompts", "3",
+                                   "--replay_source", "stored"))
+    assert stored["config"]["replay_source"] == "stored"
+    # same budget as the sequential arm: the rehearsal adds text, not steps
+    assert [p["metrics"]["steps"] for p in wake] == [
+        p["metrics"]["steps"] for p in stored["phases"] if p["phase"] == "wake"]
+
+
+def test_expert_per_session_trains_one_fresh_expert_per_session_and_freezes_the_rest(tmp_path):
+    out = tmp_path / "eps"
+    report = run_cycle(tiny_config(out, "--method", "expert_per_session"))
+    assert [p["phase"] for p in report["phases"]] == ["base", "wake", "eval", "wake", "eval"]
+    first, second = memory_tensors(out / "checkpoints/s0-wake"), memory_tensors(out / "checkpoints/s1-wake")
+    changed = {k for k in first if not torch.equal(first[k], second[k])}
+    assert changed and all(".slow." in k and k.endswith("_1") for k in changed)  # session 1 trained slot 1 only
+    assert memory_state(out / "checkpoints/s1-wake")["unlocked"] == {"fast": 0, "slow": 2}
+    rank = json.loads((out / "checkpoints/s1-wake/memory_config.json").read_text())["config"]["levels"][1]["rank"]
+    assert rank == report["config"]["fast_rank"] + report["config"]["slow_rank"]  # sleep's two experts' worth
+
+
+def test_dream_only_learns_the_session_plus_dreams_the_model_wrote(tmp_path):
+    report = run_cycle(tiny_config(tmp_path / "dreams", "--method", "dream_only", "--dream_args.num_dreams", "2",
+                                   "--dream_args.max_completion_length", "6"))
+    wake = [p for p in report["phases"] if p["phase"] == "wake"]
+    assert all(p["metrics"]["dream_texts"] > 0 for p in wake)
+    assert all(p["metrics"]["dream_texts"] <= 2 * p["metrics"]["texts"] for p in wake)
+
+
+def test_sleep_on_a_squad_file_with_several_reference_answers(tmp_path):
+    from test_sleep_data import squad_file
+
+    path = squad_file(tmp_path)
+    out = tmp_path / "squad"
+    report = run_cycle(tiny_config(out, "--dataset_name", str(path), "--passages_per_session", "2"))
+    assert report["data"]["kind"] == "squad" and report["data"]["source"] == str(path)
+    assert [s["name"] for s in report["data"]["sessions"]] == ["Article0", "Article1"]
+    records = report["accuracy_matrix"]["records"]["0,0"]
+    assert records[0]["answers"] == ["answer 000", "alt 000"]
+    consolidation = [p for p in report["phases"] if p["phase"] == "consolidate"]
+    # documents only: each passage is continued from its sentence starts (these two-sentence passages have one)
+    assert consolidation[0]["metrics"]["prompts"] == 2
+    assert "squad.json" in (out / "model/README.md").read_text()
+
+
+def test_refused_data_leaves_no_run_directory_and_other_data_is_a_different_run(tmp_path, finished_run):
+    from sleep_trl.data.sessions import StreamError
+    from sleep_trl.sleep.ledger import LedgerMismatchError
+
+    out = tmp_path / "never"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "no session column"}) + "\n")
+    with pytest.raises(StreamError, match="session"):
+        run_cycle(tiny_config(out, "--dataset_name", str(bad)))
+    assert not out.exists()
+    done, _ = finished_run
+    with pytest.raises(LedgerMismatchError, match="data"):
+        run_cycle(tiny_config(done, "--facts_per_session", "22"))

@@ -11,13 +11,12 @@ prompt holds the documents in context), a local json/jsonl/csv/parquet file, a `
 
 from __future__ import annotations
 
-from datasets import concatenate_datasets
+from datasets import Dataset
 from trl import ModelConfig, ScriptArguments, get_peft_config
 
 from ..assets import resolve_model_path
 from ..data.loading import load_named_dataset
-from ..data.world import make_world
-from ..sleep.data import consolidation_prompts
+from ..data.sessions import world_stream
 from ..trainers.generalized_distillation_config import GeneralizedDistillationConfig
 from ..trainers.generalized_distillation_trainer import GeneralizedDistillationTrainer
 
@@ -25,10 +24,17 @@ ARGUMENT_CLASSES = (ScriptArguments, GeneralizedDistillationConfig, ModelConfig)
 
 
 def world_seeding_dataset(seed: int):
-    """Every session's training questions of the embedded world; the teacher sees the entity's document first."""
-    world = make_world(seed=seed)
-    parts = [consolidation_prompts(world, k, 0, seed, with_context=True) for k in range(len(world.sessions))]
-    return concatenate_datasets(parts).remove_columns("replay")
+    """Every session's training questions and probes of the embedded world, as conversational prompts; the teacher
+    sees the entity's document first (context distillation)."""
+    rows = []
+    for session in world_stream(seed=seed).sessions:
+        for item in [*session.train_qa, *session.probes]:
+            question = item["question"]
+            rows.append({
+                "prompt": [{"role": "user", "content": question}],
+                "teacher_prompt": [{"role": "user", "content": f"{item['context']}\n\n{question}"}],
+            })
+    return Dataset.from_list(rows)
 
 
 def load_train_dataset(script_args: ScriptArguments, seed: int):

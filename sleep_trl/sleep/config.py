@@ -33,6 +33,8 @@ from ..trainers.generalized_distillation_config import GeneralizedDistillationCo
 from .consolidation import CONSOLIDATION_DEFAULTS, CONSOLIDATION_FIXED, PHASE_DEFAULTS
 
 WAKE_MODES = ("fast", "context")
+METHODS = ("sleep", "sequential", "replay", "expert_per_session", "dream_only")
+REPLAY_SOURCES = ("model", "stored")
 
 # Wake: fresh low-rank experts (B starts at zero) need a larger rate than full fine-tuning; measured on SmolLM2-135M:
 # 2e-3 left session 0 at 0.00 after 45 steps, 1e-2 reached 0.75 after 60 (8 epochs of 60 texts at batch 8).
@@ -158,11 +160,22 @@ class SleepConfig:
             CPU threads for torch. `None`: every core available to a single process (`accelerate launch` exports
             `OMP_NUM_THREADS=1`, which would halve the speed on 2 cores).
 
-        > Data: the embedded world of new knowledge
+        > Data: the stream of new knowledge (`sleep_trl.data.sessions`)
 
-        num_sessions (`int`, defaults to `3`), facts_per_session (`int`, defaults to `24`),
-        doc_variants (`int`, defaults to `2`):
+        dataset_name (`str` or `None`, defaults to `None`):
+            Where the sessions come from: `None` (or `"world"`) the embedded fictional world; a SQuAD-format JSON file
+            (recognised by its structure: one session per article, `passages_per_session` paragraphs each, their
+            questions held out for evaluation); or any table TRL users pass as `dataset_name` (jsonl, json,
+            parquet, csv, a `save_to_disk` folder, a Hub id) with a `session` column (schema in the README).
+        dataset_config (`str` or `None`), dataset_train_split (`str`, defaults to `"train"`):
+            Hub dataset configuration and split, as in TRL's `ScriptArguments`.
+        num_sessions (`int` or `None`, defaults to `None`):
+            Sessions of the world or of a SQuAD file (`None`: 3); a table brings its own (when set, it must match).
+        facts_per_session (`int`, defaults to `24`), doc_variants (`int`, defaults to `2`):
             Shape of the embedded fictional world (`sleep_trl.data.make_world`, seeded by `seed`).
+        passages_per_session (`int`, defaults to `4`), squad_train_questions (`int`, defaults to `0`):
+            SQuAD streams: paragraphs per session, and how many of each paragraph's questions are training pairs
+            (the rest are held out; `0`: documents only).
 
         > Memory (continuum memory attached to the model)
 
@@ -181,6 +194,24 @@ class SleepConfig:
 
         > The cycle
 
+        method (`str`, defaults to `"sleep"`):
+            What the run does with each session, every arm with the same optimizer steps per session (wake steps +
+            consolidation `max_steps`) and the same trainable parameters per session (two experts' worth):
+            `"sleep"`: wake in the fast expert, consolidate into a new slow expert, prune (and dream); `"sequential"`:
+            plain sequential fine-tuning of one fast and one slow expert, never reset; `"replay"`: the same, also
+            rehearsing `replay_prompts` questions of every earlier session answered by the model itself before
+            the session (pseudo-rehearsal; `replay_source: stored` uses the stored answers, an upper bound that keeps
+            data); `"expert_per_session"`: one fresh expert (rank `fast_rank + slow_rank`) per session, earlier ones
+            frozen, no distillation; `"dream_only"`: the same fresh expert learns the session plus dreams the model
+            writes from its documents (`dream_args`: `dream_template`, `num_dreams`), no consolidation.
+        sleep (`bool`, defaults to `True`):
+            `False` is `method: sequential` (kept from earlier releases).
+        replay_source (`str`, defaults to `"model"`):
+            Answers of the `replay` arm's rehearsal: `"model"` (the model before the session, greedy) or `"stored"`.
+        document_prompts (`int` or `None`, defaults to `None`):
+            Sleep prompts per document: the document cut at that many sentence starts, the teacher continues it, so
+            what a document said is consolidated even where no question asks about it. `None`: 4 for sessions with
+            no training questions and no probes (documents-only data), else 0.
         system_prompt (`str` or `None`, defaults to `""`):
             The system turn of every conversation of the run (wake texts, sleep prompts, evaluation questions,
             dream prompts), for models with a chat template. `""`: an empty system turn. Some templates add a default
@@ -190,8 +221,6 @@ class SleepConfig:
         wake (`str`, defaults to `"fast"`):
             `"fast"`: learn each session in the fast expert with `SFTTrainer`; `"context"`: no weight change while
             awake, the session's documents are the teacher's context during consolidation.
-        sleep (`bool`, defaults to `True`):
-            `False` runs the sequential fine-tuning baseline (see above).
         replay_prompts (`int`, defaults to `16`):
             Prompts of each earlier session mixed into consolidation; their answers are regenerated by the long-term
             memory as it was before this sleep (fast level off, new expert masked), never read from the dataset.
@@ -241,9 +270,16 @@ class SleepConfig:
     seed: int = field(default=0, metadata={"help": "Seed of the world and of every phase."})
     torch_threads: int | None = field(default=None, metadata={"help": "CPU threads for torch."})
     # data
-    num_sessions: int = field(default=3, metadata={"help": "Sessions in the stream of new knowledge."})
-    facts_per_session: int = field(default=24, metadata={"help": "Facts per session."})
-    doc_variants: int = field(default=2, metadata={"help": "Document rewrites per entity."})
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "None/'world', a SQuAD JSON file, or a table with a `session` column."}
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split of a table dataset."})
+    num_sessions: int | None = field(default=None, metadata={"help": "Sessions (None: 3, or all of a table)."})
+    facts_per_session: int = field(default=24, metadata={"help": "Facts per session of the world."})
+    doc_variants: int = field(default=2, metadata={"help": "Document rewrites per entity of the world."})
+    passages_per_session: int = field(default=4, metadata={"help": "SQuAD paragraphs per session."})
+    squad_train_questions: int = field(default=0, metadata={"help": "SQuAD questions per paragraph trained on."})
     # memory
     memory_layers: str = field(default="all", metadata={"help": "'all' or comma-separated layer indices."})
     fast_rank: int = field(default=16, metadata={"help": "Rank of the fast expert."})
@@ -251,11 +287,16 @@ class SleepConfig:
     slow_slots: int | None = field(default=None, metadata={"help": "Slow experts pre-allocated (None: sessions)."})
     slow_gate: str = field(default="sigmoid", metadata={"help": "'fixed' or 'sigmoid' gate of the slow level."})
     # the cycle
+    method: str = field(default="sleep", metadata={"help": "sleep, sequential, replay, expert_per_session, dream_only."})
+    replay_source: str = field(default="model", metadata={"help": "Replay arm's answers: 'model' or 'stored'."})
+    document_prompts: int | None = field(
+        default=None, metadata={"help": "Sleep prompts per document (None: 4 for documents-only sessions, else 0)."}
+    )
     system_prompt: str | None = field(
         default="", metadata={"help": "System turn of every conversation ('' empty; None: the template's default)."}
     )
     wake: str = field(default="fast", metadata={"help": "'fast' (fast expert, SFT) or 'context' (in context)."})
-    sleep: bool = field(default=True, metadata={"help": "False: sequential fine-tuning baseline."})
+    sleep: bool = field(default=True, metadata={"help": "False: method 'sequential' (kept from earlier releases)."})
     replay_prompts: int = field(default=16, metadata={"help": "Prompts replayed from each earlier session."})
     dream: bool = field(default=False, metadata={"help": "Run DreamTrainer after consolidation."})
     # phase trainers
@@ -284,27 +325,41 @@ class SleepConfig:
             self._check_section(section)
 
     def _check_own_fields(self) -> None:
+        if self.method not in METHODS:
+            close = closest(str(self.method), METHODS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"`method` must be one of {', '.join(METHODS)}, got {self.method!r}{hint}.")
+        if not self.sleep:
+            if self.method not in ("sleep", "sequential"):
+                raise ValueError(f"`sleep: false` means `method: sequential`; it contradicts `method: {self.method}`.")
+            self.method, self.sleep = "sequential", True
+        if self.replay_source not in REPLAY_SOURCES:
+            raise ValueError(f"`replay_source` must be one of {REPLAY_SOURCES}, got {self.replay_source!r}.")
         if self.wake not in WAKE_MODES:
             raise ValueError(f"`wake` must be one of {WAKE_MODES}, got {self.wake!r}.")
-        if self.wake == "context" and not self.sleep:
-            raise ValueError("`wake: context` learns nothing without sleep; use `wake: fast` for the baseline.")
+        if self.wake == "context" and self.method != "sleep":
+            raise ValueError("`wake: context` learns nothing without sleep: it needs `method: sleep`.")
         if self.slow_gate not in ("fixed", "sigmoid"):
             raise ValueError(f"`slow_gate` must be 'fixed' or 'sigmoid', got {self.slow_gate!r}.")
         check_metric(self.eval_metric, "eval_metric")
-        for name in ("num_sessions", "facts_per_session", "doc_variants", "fast_rank", "slow_rank",
-                     "eval_max_new_tokens", "eval_batch_size"):
+        optional = {"num_sessions": self.num_sessions, "slow_slots": self.slow_slots}
+        for name in ("facts_per_session", "doc_variants", "fast_rank", "slow_rank", "eval_max_new_tokens",
+                     "eval_batch_size", "passages_per_session", *[k for k, v in optional.items() if v is not None]):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
-        if not isinstance(self.replay_prompts, int) or self.replay_prompts < 0:
-            raise ValueError(f"`replay_prompts` must be an integer >= 0, got {self.replay_prompts!r}.")
-        if self.slow_slots is not None and self.slow_slots < self.num_sessions:
+        for name in ("replay_prompts", "squad_train_questions", *(["document_prompts"] if self.document_prompts
+                                                                    is not None else [])):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}.")
+        if self.slow_slots is not None and self.num_sessions is not None and self.slow_slots < self.num_sessions:
             raise ValueError(
                 f"`slow_slots` ({self.slow_slots}) is smaller than `num_sessions` ({self.num_sessions}): every sleep "
                 "unlocks one slow expert. Raise `slow_slots` or leave it unset."
             )
-        if self.dream and not self.sleep:
-            raise ValueError("`dream: true` needs `sleep: true` (dreams train the expert a sleep unlocks).")
+        if self.dream and self.method != "sleep":
+            raise ValueError("`dream: true` needs `method: sleep` (dreams train the expert a sleep unlocks).")
         if self.memory_layers != "all":
             try:
                 [int(x) for x in str(self.memory_layers).split(",")]

@@ -5,7 +5,8 @@
 
 Each finished phase is written to the run ledger (`cycle_state.json`) together with a checkpoint of the memory (the
 host weights never change: only memory experts learn), so killing the run and starting it again with the same
-configuration continues after the last finished phase and ends with the same report.
+configuration continues after the last finished phase and ends with the same report. The baselines of
+`SleepConfig.method` run through the same loop (their wake trains other experts, on other data; they never sleep).
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import RichProgressCallback, SFTTrainer
 
 from ..assets import resolve_model_path
-from ..data import make_world
+from ..data.sessions import SessionStream, load_stream
 from ..dreaming.tau import NoContextQA
 from ..eval import AccuracyMatrix, ClosedBookQA
 from ..eval.qa import has_chat_template
 from ..memory import LevelConfig, MemoryConfig, attach_memory, load_memory
 from ..trainers.dream_trainer import DreamTrainer
+from .baselines import dream_texts, rehearsal_texts
 from .config import SleepConfig
 from .consolidation import consolidate
 from .data import consolidation_prompts, length_grouped_order, wake_texts
@@ -41,6 +43,25 @@ def _available_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def load_config_stream(config: SleepConfig) -> SessionStream:
+    """The stream a config names, checked (a `StreamError` names the problem) before anything else happens."""
+    stream = load_stream(
+        config.dataset_name, num_sessions=config.num_sessions, facts_per_session=config.facts_per_session,
+        doc_variants=config.doc_variants, seed=config.seed, passages_per_session=config.passages_per_session,
+        squad_train_questions=config.squad_train_questions, dataset_config=config.dataset_config,
+        dataset_split=config.dataset_train_split,
+    )
+    if config.dream and any(not s.contexts for s in stream.sessions):
+        empty = [s.name for s in stream.sessions if not s.contexts]
+        raise ValueError(
+            f"`dream: true` needs training questions in every session (dreaming's tau asks them), but sessions "
+            f"{empty} have none. Add training pairs (`squad_train_questions`, `split: train` rows) or set `dream: false`."
+        )
+    if config.slow_slots is not None and config.slow_slots < len(stream):
+        raise ValueError(f"`slow_slots` ({config.slow_slots}) is smaller than the {len(stream)} sessions of the data.")
+    return stream
 
 
 class SleepCycle:
@@ -60,7 +81,7 @@ class SleepCycle:
 
     def phases(self) -> list[str]:
         cfg = self.config
-        if not cfg.sleep:
+        if cfg.method != "sleep":
             return ["wake", "eval"]
         phases = ["wake"] if cfg.wake == "fast" else []
         phases.append("consolidate")
@@ -69,9 +90,14 @@ class SleepCycle:
         phases.append("eval")
         return phases
 
+    def fingerprint(self) -> dict:
+        """The config's fingerprint plus the data's: a run directory belongs to one configuration and one stream."""
+        return {**self.config.fingerprint(), "data": self.stream.fingerprint()}
+
     def run(self) -> dict:
         cfg = self.config
-        ledger = Ledger.open(self.output_dir, cfg.fingerprint(), defaults=type(cfg).defaults())
+        self.stream = load_config_stream(cfg)  # before the run directory is made: refused data leaves no trace
+        ledger = Ledger.open(self.output_dir, self.fingerprint(), defaults=type(cfg).defaults())
         if ledger.finished:
             self.console.print(f"[bold]{self.output_dir} holds a finished run; nothing to do.")
             return load_report(self.output_dir, self.console)
@@ -84,30 +110,29 @@ class SleepCycle:
         self._setup(ledger)
         if cfg.eval_future_sessions and not ledger.done(-1, BASE):
             self._run_phase(ledger, -1, BASE, 0)
-        for k in range(cfg.num_sessions):
+        for k in range(len(self.stream)):
             for index, phase in enumerate(self.phases()):
                 if not ledger.done(k, phase):
                     self._run_phase(ledger, k, phase, index + 1)
         return finalize(self, ledger, time.perf_counter() - started)
 
     def _setup(self, ledger: Ledger) -> None:
-        """The world, the model with its memory (restored from the last checkpoint), the accuracy matrix."""
+        """The model with its memory (restored from the last checkpoint), the accuracy matrix."""
         cfg = self.config
-        self.world = make_world(cfg.num_sessions, cfg.facts_per_session, cfg.seed, doc_variants=cfg.doc_variants)
         self.tokenizer, self.model = self._load_model()
         if not has_chat_template(self.tokenizer):
             self.system_prompt = None  # plain-text models have no system turn
             self.qa.system_prompt = None
-        self.wake_steps = cfg.wake_steps(len(self._wake_texts(0)))
         self.memory = attach_memory(self.model, self._memory_config())
         resume_from = ledger.last_checkpoint()
         if resume_from is not None:
             load_memory(self.model, self.output_dir / resume_from)
             self.console.print(f"[bold]Resuming[/] after {len(ledger.phases)} finished phases ({resume_from}).")
+        names = [s.name for s in self.stream.sessions]
         if ledger.matrix is not None:
             self.matrix = AccuracyMatrix.from_dict(ledger.matrix)
         else:
-            self.matrix = AccuracyMatrix(cfg.num_sessions, metric=cfg.eval_metric)
+            self.matrix = AccuracyMatrix(len(self.stream), metric=cfg.eval_metric, session_names=names)
 
     def _run_phase(self, ledger: Ledger, k: int, phase: str, index: int) -> None:
         cfg = self.config
@@ -142,18 +167,28 @@ class SleepCycle:
 
     def _memory_config(self) -> MemoryConfig:
         cfg = self.config
-        slots = cfg.slow_slots or cfg.num_sessions
+        slots = cfg.slow_slots or len(self.stream)
+        # One fresh expert per session in the baselines that never sleep, as large as sleep's fast + slow pair.
+        fresh = cfg.method in ("expert_per_session", "dream_only")
+        slow_rank = cfg.fast_rank + cfg.slow_rank if fresh else cfg.slow_rank
+        chunk = cfg.wake_steps(len(self._wake_texts(0)))
         return MemoryConfig(
             layers=cfg.layers,
             levels=[
-                LevelConfig(name="fast", num_slots=1, rank=cfg.fast_rank, chunk_size=self.wake_steps, gate="fixed"),
-                LevelConfig(name="slow", num_slots=slots, rank=cfg.slow_rank, chunk_size=None, gate=cfg.slow_gate),
+                LevelConfig(name="fast", num_slots=1, rank=cfg.fast_rank, chunk_size=chunk, gate="fixed"),
+                LevelConfig(name="slow", num_slots=slots, rank=slow_rank, chunk_size=None, gate=cfg.slow_gate),
             ],
             seed=cfg.seed,
         )
 
     def _wake_texts(self, k: int) -> list[str]:
-        return wake_texts(self.world.sessions[k], self.tokenizer, self.system_prompt)
+        return wake_texts(self.stream.sessions[k], self.tokenizer, self.system_prompt)
+
+    def _document_prompts(self, k: int) -> int:
+        cfg, session = self.config, self.stream.sessions[k]
+        if cfg.document_prompts is not None:
+            return cfg.document_prompts
+        return 0 if session.train_qa or session.probes else 4
 
     def _phase_dir(self, name: str) -> str:
         return str(self.output_dir / "trainer" / name)
@@ -163,45 +198,58 @@ class SleepCycle:
     # -----------------------------------------------------------------------------------------------------------------
 
     def _base(self, k: int, seed: int):
-        row = self._evaluate(None, range(self.config.num_sessions))
-        return {"accuracy": row}, False
+        return {"accuracy": self._evaluate(None, range(len(self.stream)))}, False
+
+    def _wake_parameters(self) -> list[str]:
+        """What learns during this wake: sleep's fresh fast expert; the same fast + slow pair every session for the
+        sequential arms (never reset); a new slow expert per session for the fresh-expert arms."""
+        mem, method = self.memory, self.config.method
+        if method == "sleep":
+            return mem.expand("fast")
+        if method in ("expert_per_session", "dream_only"):
+            return mem.expand("slow")
+        if mem.unlocked("fast") == 0:
+            mem.expand("fast")
+            mem.expand("slow")
+        return mem.names(mem.parameters("fast", slots=[0]) + mem.parameters("slow", slots=[0]))
 
     def _wake(self, k: int, seed: int):
         cfg, mem = self.config, self.memory
-        steps = self.wake_steps
-        if cfg.sleep:
-            names = mem.expand("fast")
-        else:
-            # The baseline trains the same memory parameters the sleeping run ends up with (the fast expert and one
-            # slow expert per session, all at once, never reset) with the same optimizer steps per session.
-            steps += cfg.phase_fields("consolidation_args")["max_steps"]
-            if mem.unlocked("fast") == 0:
-                mem.expand("fast")
-                for _ in range(mem.config.level("slow").num_slots):
-                    mem.expand("slow")
-            names = [n for level in mem.levels
-                     for n in mem.names(mem.parameters(level, slots=range(mem.unlocked(level))))]
-        mem.freeze_all_but(names)
-        args = cfg.phase_config("wake_args", output_dir=self._phase_dir(f"s{k}-wake"), seed=seed, max_steps=steps)
         texts = self._wake_texts(k)
+        steps = cfg.wake_steps(len(texts))  # the session's own texts set the budget, whatever is added below
+        if cfg.method != "sleep":  # the arms that never sleep get the consolidation's steps too
+            steps += cfg.phase_fields("consolidation_args")["max_steps"]
+        metrics = {"steps": steps, "texts": len(texts)}
+        if cfg.method == "replay" and k > 0:
+            extra = rehearsal_texts(self, k, seed)
+            texts, metrics["rehearsal_texts"] = texts + extra, len(extra)
+        if cfg.method == "dream_only":
+            extra = dream_texts(self, k, seed)
+            texts, metrics["dream_texts"] = texts + extra, len(extra)
+        mem.freeze_all_but(self._wake_parameters())
+        args = cfg.phase_config("wake_args", output_dir=self._phase_dir(f"s{k}-wake"), seed=seed, max_steps=steps)
+        lengths = [len(ids) for ids in self.tokenizer(texts)["input_ids"]]
+        if args.max_length is not None and max(lengths) > args.max_length:
+            long = sum(n > args.max_length for n in lengths)
+            self.console.print(f"[yellow]{long} wake texts of session {k} are longer than wake_args.max_length "
+                               f"({args.max_length} tokens) and are truncated: raise it to learn them whole.")
+            metrics["truncated_texts"] = long
         if args.train_sampling_strategy == "group_by_length":
             # Batches of similar length, epochs laid out in the data (see `length_grouped_order`), read in order.
-            lengths = [len(self.tokenizer(t)["input_ids"]) for t in texts]
             per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-            order = length_grouped_order(lengths, steps * per_step, per_step, seed)
-            texts = [texts[i] for i in order]
+            texts = [texts[i] for i in length_grouped_order(lengths, steps * per_step, per_step, seed)]
             args.train_sampling_strategy = "sequential"
-        data = Dataset.from_dict({"text": texts})
-        trainer = SFTTrainer(model=self.model, args=args, train_dataset=data, processing_class=self.tokenizer,
-                             callbacks=[RichProgressCallback()])
+        trainer = SFTTrainer(model=self.model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
+                             processing_class=self.tokenizer, callbacks=[RichProgressCallback()])
         result = trainer.train()
-        return {"steps": steps, "train_loss": round(result.training_loss, 4)}, True
+        return {**metrics, "train_loss": round(result.training_loss, 4)}, True
 
     def _consolidate(self, k: int, seed: int):
         cfg = self.config
         in_context = cfg.wake == "context"
         data = consolidation_prompts(
-            self.world, k, cfg.replay_prompts, seed, with_context=in_context, system_prompt=self.system_prompt
+            self.stream, k, cfg.replay_prompts, seed, with_context=in_context, tokenizer=self.tokenizer,
+            system_prompt=self.system_prompt, document_prompts=self._document_prompts(k),
         )
         fields = {
             **cfg.phase_fields("consolidation_args"), "use_cpu": not torch.cuda.is_available(),
@@ -224,9 +272,10 @@ class SleepCycle:
             # each router also turns on one random unlocked expert while dreaming (routed slow levels only)
             random_expert_sampling=cfg.slow_gate == "sigmoid",
         )
+        tasks = Dataset.from_list(self.stream.sessions[k].contexts)
         trainer = DreamTrainer(
-            self.model, args=args, train_dataset=self.world.sessions[k].dream_tasks, processing_class=self.tokenizer,
-            tau=NoContextQA(self.qa), callbacks=[RichProgressCallback()],
+            self.model, args=args, train_dataset=tasks, processing_class=self.tokenizer, tau=NoContextQA(self.qa),
+            callbacks=[RichProgressCallback()],
         )
         tau_before = trainer.evaluate_tau()
         trainer.train()
@@ -238,12 +287,12 @@ class SleepCycle:
         return metrics, True
 
     def _eval(self, k: int, seed: int):
-        sessions = range(self.config.num_sessions) if self.config.eval_future_sessions else range(k + 1)
+        sessions = range(len(self.stream)) if self.config.eval_future_sessions else range(k + 1)
         return {"accuracy": self._evaluate(k, sessions)}, False
 
     def _evaluate(self, after: int | None, sessions) -> list[float]:
         self.model.eval()
-        rows = [s.eval_qa for s in self.world.sessions]
+        rows = [s.eval_qa for s in self.stream.sessions]
         accuracies = self.matrix.evaluate_model(
             after, self.model, self.tokenizer, rows, sessions=list(sessions), qa=self.qa
         )

@@ -1,12 +1,14 @@
-"""What each phase of the cycle trains on, built from the embedded world's sessions."""
+"""What each phase of the cycle trains on, built from a session of the stream (`sleep_trl.data.sessions`)."""
 
 from __future__ import annotations
 
 import random
+import re
 
 from datasets import Dataset
 
-from ..eval.qa import has_chat_template, plain_qa_text
+from ..data.sessions import SessionData, SessionStream
+from ..eval.qa import PLAIN_QA_TEMPLATE, has_chat_template, plain_qa_text
 
 
 def system_messages(system_prompt: str | None) -> list[dict]:
@@ -16,19 +18,108 @@ def system_messages(system_prompt: str | None) -> list[dict]:
     return [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
 
 
-def wake_texts(session, tokenizer, system_prompt: str | None = None) -> list[str]:
-    """The session's documents as plain text, plus its training question/answer pairs through the chat template
-    (language modelling over both: the documents carry the facts, the pairs teach answering them). Without a chat
-    template the pairs take the plain QA layout the evaluation asks in."""
-    texts = list(session.documents["text"])
-    chat = has_chat_template(tokenizer)
-    system = system_messages(system_prompt)
-    for row in session.train_sft:
-        if chat:
-            texts.append(tokenizer.apply_chat_template(system + row["prompt"] + row["completion"], tokenize=False))
+def qa_text(tokenizer, question: str, answer: str, system_prompt: str | None = None) -> str:
+    """A question/answer pair as training text: through the chat template, or in the plain QA layout."""
+    if has_chat_template(tokenizer):
+        messages = system_messages(system_prompt) + [
+            {"role": "user", "content": question}, {"role": "assistant", "content": answer}
+        ]
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    return plain_qa_text(question, answer)
+
+
+def question_prompt(tokenizer, question: str, system_prompt: str | None = None) -> str:
+    """A question as a generation prompt, exactly as `qa_text` (and the evaluation) asks it."""
+    if has_chat_template(tokenizer):
+        messages = system_messages(system_prompt) + [{"role": "user", "content": question}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return PLAIN_QA_TEMPLATE.format(question=question)
+
+
+def wake_texts(session: SessionData, tokenizer, system_prompt: str | None = None) -> list[str]:
+    """The session's documents as plain text, plus its training question/answer pairs (language modelling over
+    both: the documents carry the facts, the pairs teach answering them)."""
+    return list(session.documents) + [
+        qa_text(tokenizer, qa["question"], qa["answer"], system_prompt) for qa in session.train_qa
+    ]
+
+
+_SENTENCE_START = re.compile(r"(?<=[.!?])\s+(?=\S)")
+
+
+def document_prefixes(document: str, num: int) -> list[str]:
+    """Up to `num` prefixes of a document cut at sentence starts, spread evenly (the first one holds the first
+    sentence): during sleep the teacher continues each, so what the document said is consolidated even where no
+    question asks about it."""
+    starts = [m.end() for m in _SENTENCE_START.finditer(document)]
+    if num <= 0 or not starts:
+        return []
+    picks = sorted({starts[round(i * (len(starts) - 1) / max(num - 1, 1))] for i in range(min(num, len(starts)))})
+    return [document[:cut].rstrip() for cut in picks]
+
+
+def session_prompts(session: SessionData, documents_per_prompt: int) -> list[dict]:
+    """Everything the sleeping model is asked about one session: its training questions, its probes, and
+    `documents_per_prompt` sentence-start prefixes of each document. Each item: `{"kind", "text", "context"}`."""
+    items = [{"kind": "question", "text": qa["question"], "context": qa.get("context")} for qa in session.train_qa]
+    items += [{"kind": "question", "text": p["question"], "context": p.get("context")} for p in session.probes]
+    for document in session.documents:
+        items += [{"kind": "document", "text": prefix, "context": document}
+                  for prefix in document_prefixes(document, documents_per_prompt)]
+    return items
+
+
+def replay_items(stream: SessionStream, k: int, per_session: int, seed: int) -> list[dict]:
+    """The items of earlier sessions a sleep (or the replay arm) rehearses before session `k`: `per_session` of each
+    earlier session's training questions (with their stored answers), or of its document prefixes when it has none
+    (with the rest of the document as the stored answer)."""
+    rng = random.Random(seed)
+    items = []
+    for j in range(k):
+        earlier = stream.sessions[j]
+        pool = session_prompts(earlier, 0 if earlier.train_qa else 4)
+        if earlier.train_qa:
+            pool = [dict(item, answer=qa["answer"]) for item, qa in zip(pool, earlier.train_qa, strict=False)]
         else:
-            texts.append(plain_qa_text(row["prompt"][0]["content"], row["completion"][0]["content"]))
-    return texts
+            pool = [dict(item, answer=item["context"][len(item["text"]):].strip()) for item in pool]
+        items += rng.sample(pool, min(per_session, len(pool)))
+    return items
+
+
+def consolidation_prompts(
+    stream: SessionStream,
+    k: int,
+    replay_per_session: int,
+    seed: int,
+    with_context: bool,
+    tokenizer,
+    system_prompt: str | None = None,
+    document_prompts: int = 0,
+) -> Dataset:
+    """Prompts (rendered strings) for consolidating session `k`: its own (`session_prompts`), plus
+    `replay_per_session` of every earlier session (its training questions, or, for a documents-only session, its
+    document prompts); the teacher writes every answer, replayed ones included.
+
+    With `with_context`, the session's own rows get a `teacher_prompt` holding their document before the question
+    (the knowledge is in the teacher's context, not in its weights); replayed rows keep the bare prompt. Replayed
+    rows are marked `replay`: the trainer teaches them from the long-term memory as it was before this sleep, not
+    from the awake model, whose fast memory may have overwritten the old answers.
+    """
+    rows = []
+
+    def render(item: dict, context: str | None = None) -> str:
+        if item["kind"] == "document":  # the teacher continues the passage, as it learnt it: plain text
+            return f"{context}\n\n{item['text']}" if context else item["text"]
+        question = f"{context}\n\n{item['text']}" if context else item["text"]
+        return question_prompt(tokenizer, question, system_prompt)
+
+    for item in session_prompts(stream.sessions[k], document_prompts):
+        teacher = render(item, item["context"]) if with_context and item["context"] else render(item)
+        rows.append({"prompt": render(item), "teacher_prompt": teacher, "replay": False})
+    for item in replay_items(stream, k, replay_per_session, seed):
+        rows.append({"prompt": render(item), "teacher_prompt": render(item), "replay": True})
+    data = Dataset.from_list(rows)
+    return data if with_context else data.remove_columns("teacher_prompt")
 
 
 def length_grouped_order(lengths: list[int], num_rows: int, batch_size: int, seed: int) -> list[int]:
@@ -48,45 +139,3 @@ def length_grouped_order(lengths: list[int], num_rows: int, batch_size: int, see
         rng.shuffle(batches)
         order += [i for batch in batches for i in batch]
     return order[:num_rows]
-
-
-def _documents_by_entity(session) -> dict[str, str]:
-    docs: dict[str, str] = {}
-    for row in session.document_rows:
-        docs.setdefault(row["entity"], row["text"])
-    return docs
-
-
-def consolidation_prompts(
-    world, k: int, replay_per_session: int, seed: int, with_context: bool, system_prompt: str | None = None
-) -> Dataset:
-    """Prompts for consolidating session `k`: its training questions and one "tell me about" per entity, plus
-    `replay_per_session` training questions of every earlier session (the teacher regenerates their answers).
-
-    With `with_context`, the session's own rows get a `teacher_prompt` holding the entity's document before the
-    question (the knowledge is in the teacher's context, not in its weights); replayed rows keep the bare prompt.
-    Replayed rows are marked `replay`: the trainer teaches them from the long-term memory as it was before this
-    sleep, not from the awake model, whose fast memory may have overwritten the old answers.
-    """
-    rng = random.Random(seed)
-    session = world.sessions[k]
-    docs = _documents_by_entity(session)
-    rows = []
-    system = system_messages(system_prompt)
-
-    def add(question: str, context: str | None, replay: bool = False):
-        prompt = system + [{"role": "user", "content": question}]
-        teacher = system + [{"role": "user", "content": f"{context}\n\n{question}"}] if context else prompt
-        rows.append({"prompt": prompt, "teacher_prompt": teacher, "replay": replay})
-
-    for fact in session.facts:
-        for question in fact.train_questions:
-            add(question, docs[fact.entity] if with_context else None)
-    for entity, doc in docs.items():
-        add(f"Tell me about {entity}.", doc if with_context else None)
-    for j in range(k):
-        questions = [q for f in world.sessions[j].facts for q in f.train_questions]
-        for question in rng.sample(questions, min(replay_per_session, len(questions))):
-            add(question, None, replay=True)
-    data = Dataset.from_list(rows)
-    return data if with_context else data.remove_columns("teacher_prompt")

@@ -18,6 +18,13 @@ from ..paper import SLEEP_PAPER
 REPORT_NAME = "sleep_report.json"
 PLOT_NAME = "accuracy_matrix.png"
 MODEL_DIR = "model"
+METHOD_LABELS = {
+    "sleep": "sleep",
+    "sequential": "sequential fine-tuning (no sleep)",
+    "replay": "sequential fine-tuning with pseudo-rehearsal (no sleep)",
+    "expert_per_session": "one fresh expert per session (no sleep)",
+    "dream_only": "dreams as training data, one fresh expert per session (no sleep)",
+}
 
 
 def _phase_table(ledger) -> list[dict]:
@@ -45,10 +52,11 @@ def build_report(cycle, ledger, wall_seconds: float) -> dict:
         "sleep_trl_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"python": platform.python_version(), "processor": platform.machine()},
-        "mode": "sleep" if cfg.sleep else "sequential fine-tuning (sleep off)",
+        "mode": METHOD_LABELS[cfg.method],
+        "method": cfg.method,
         "config": cfg.to_dict(),
         "model": {"base": cfg.model_name_or_path, "path": str(cycle.model_path)},
-        "world": {"sessions": cfg.num_sessions, "facts_per_session": cfg.facts_per_session, "seed": cfg.seed},
+        "data": cycle.stream.describe(),
         "memory": repr(cycle.memory),
         "experts_added": _experts(ledger),
         "phases": _phase_table(ledger),
@@ -109,7 +117,8 @@ tags:
 # {Path(cfg['output_dir']).name}
 
 A continual learner trained with sleep-trl {report['sleep_trl_version']} ({report['mode']}):
-{cfg['model_name_or_path']} with a continuum memory learned {cfg['num_sessions']} sessions of new knowledge one after
+{cfg['model_name_or_path']} with a continuum memory learned {len(report['data']['sessions'])} sessions of new knowledge
+({report['data']['source']}) one after
 another. The host weights are unchanged; what was learned lives in `memory.safetensors` (load it with
 `sleep_trl.memory.load_memory(model, this_folder)`).
 
