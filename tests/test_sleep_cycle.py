@@ -316,3 +316,17 @@ def test_refused_data_leaves_no_run_directory_and_other_data_is_a_different_run(
     done, _ = finished_run
     with pytest.raises(LedgerMismatchError, match="data"):
         run_cycle(tiny_config(done, "--facts_per_session", "22"))
+
+
+def test_warm_start_makes_the_new_slow_expert_a_copy_of_the_fast_one(tmp_path):
+    """With `warm_start` (and a learning rate of 0, so distillation changes nothing) the expert a sleep consolidates
+    is the fast expert the wake trained, while the fast level is pruned."""
+    out = tmp_path / "warm"
+    run_cycle(tiny_config(out, "--warm_start", "true", "--consolidation_args.learning_rate", "0"))
+    for k in range(2):
+        woke = memory_tensors(out / f"checkpoints/s{k}-wake")
+        slept = memory_tensors(out / f"checkpoints/s{k}-consolidate")
+        fast = {key: v for key, v in woke.items() if ".fast." in key and not key.split(".")[-1].startswith("router")}
+        assert fast and any(torch.count_nonzero(v) for v in fast.values())
+        for key, value in fast.items():
+            assert torch.equal(slept[key.replace(".fast.", ".slow.").replace("_0", f"_{k}")], value), key

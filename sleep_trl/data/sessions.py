@@ -42,11 +42,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..errors import SleepTrlError
 from .loading import load_named_dataset
 from .world import make_world
 
 
-class StreamError(ValueError):
+class StreamError(SleepTrlError):
     """The data cannot make a stream of sessions (named column, row or file, and the fix)."""
 
 

@@ -22,6 +22,7 @@ from typing import Self
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
+from rich.progress import track
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ..generation.hf import pad_token_id
@@ -288,12 +289,13 @@ def evaluate_dreams(
     dreams: Sequence[Sequence[str]],
     tau_before: Sequence[float],
     config: InnerLoopConfig | None = None,
+    progress: bool = False,
 ) -> list[DreamEvaluation]:
     """Reward of each dream: train a fresh isolated adapter on it, evaluate tau on its task, compare with `tau_before`.
 
     `dreams[i]` is the list of training sequences of dream i (`split_dream`), `tasks[i]` its task and
     `tau_before[i]` tau of the un-adapted model on that task. One adapter is injected for all dreams and reset
-    between them. A dream with no tokens cannot change the model: its reward is computed from tau_after = tau_before
+    between them; `progress` shows a rich progress bar (a dream's reward takes seconds on a CPU). A dream with no tokens cannot change the model: its reward is computed from tau_after = tau_before
     without running the inner loop.
     """
     if not (len(tasks) == len(dreams) == len(tau_before)):
@@ -306,8 +308,11 @@ def evaluate_dreams(
     def reward(before, after):
         return compute_reward(before, after, config.reward_type, config.threshold)
 
+    work = list(zip(tasks, dreams, tau_before, strict=True))
+    if progress:
+        work = track(work, description="reward of each dream (inner LoRA loop + tau)", transient=True)
     with IsolatedAdapter(model, config) as adapter:
-        for task, sequences, before in zip(tasks, dreams, tau_before, strict=True):
+        for task, sequences, before in work:
             if not sequences:
                 results.append(DreamEvaluation(reward(before, before), before, before, 0.0, 0.0, 0))
                 continue

@@ -20,6 +20,7 @@ before the newest `expand` (that slot masked, suspensions made since undone), wi
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,6 +205,32 @@ class ContinuumMemory:
             yield self
         finally:
             self.state.suspended = before
+
+    @torch.no_grad()
+    def copy_slot(self, source: tuple[str, int], target: tuple[str, int], gate: float = 0.99) -> None:
+        """Copy an expert's weights into another slot, in every attached layer (`(level, slot)` pairs; the ranks must
+        match). A routed target gets a constant gate of `gate` (router weights zero, bias `logit(gate)`), so it then
+        contributes `gate` times what the source did. The sleep's warm start: the new slow expert begins as the
+        fast expert that learned the session, and distillation only has to repair what it disturbs."""
+        self._check_not_in_view("copy_slot")
+        (src_level, src), (dst_level, dst) = source, target
+        if self.config.level(src_level).rank != self.config.level(dst_level).rank:
+            raise ValueError(
+                f"copy_slot: level {src_level!r} has rank {self.config.level(src_level).rank} and {dst_level!r} "
+                f"{self.config.level(dst_level).rank}; experts copy only between levels of the same rank."
+            )
+        if not 0.0 < gate < 1.0:
+            raise ValueError(f"copy_slot: gate must be in (0, 1), got {gate}.")
+        bias = math.log(gate / (1.0 - gate))
+        for i in self.layers:
+            src_bank, dst_bank = self.blocks[i].banks[src_level], self.blocks[i].banks[dst_level]
+            params = src_bank.slot_parameters(src) + dst_bank.slot_parameters(dst)
+            with gathered(params, modify=True):
+                for name in ["gate", "up", "down"] if dst_bank.gated else ["up", "down"]:
+                    getattr(dst_bank, f"{name}_{dst}").copy_(getattr(src_bank, f"{name}_{src}"))
+                if dst_bank.routed:
+                    getattr(dst_bank, f"router_{dst}").zero_()
+                    getattr(dst_bank, f"router_bias_{dst}").fill_(bias)
 
     def reset(self, level: str, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Synaptic pruning: re-lock every slot of `level`, redraw its `A` from the slot seeds (so exactly the

@@ -18,18 +18,28 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
+from transformers import TrainingArguments
+
 from ..memory import find_memory
+from .console import quiet_trainer
 from ..trainers.generalized_distillation_config import GeneralizedDistillationConfig
 from ..trainers.generalized_distillation_trainer import GeneralizedDistillationTrainer
+
+# transformers renamed `gradient_checkpointing` to `activation_checkpointing` (5.2x); TRL's configs still default the
+# old name to True, so the new name is what turns it off without a deprecation warning.
+CHECKPOINTING = next(
+    (f.name for f in fields(TrainingArguments) if f.name == "activation_checkpointing"), "gradient_checkpointing"
+)
 
 # What every phase trainer of a sleep gets unless told otherwise: CPU-friendly, quiet, no checkpoints of its own
 # (the cycle keeps its own per-phase checkpoints), a short warmup.
 PHASE_DEFAULTS = {
     "bf16": False,
-    "gradient_checkpointing": False,
+    CHECKPOINTING: False,
     "report_to": "none",
     "save_strategy": "no",
     "logging_steps": 5,
+    "logging_nan_inf_filter": False,  # a non-finite loss must show (and stop the phase), not be averaged away
     "disable_tqdm": True,
     "lr_scheduler_type": "constant_with_warmup",
     "warmup_steps": 2,
@@ -94,6 +104,7 @@ def consolidate(
     *,
     fast_level: str | None = "fast",
     slow_level: str = "slow",
+    warm_start: bool = False,
     optimizer=None,
     callbacks=None,
 ) -> ConsolidationResult:
@@ -109,6 +120,8 @@ def consolidate(
         fast_level: the level to consolidate from, suspended for the student and pruned afterwards; `None` when
             nothing is held in fast memory (wake in context: the teacher holds the knowledge in its prompt).
         slow_level: the level that receives the new expert.
+        warm_start: the new expert starts as a copy of the fast expert (the paper's student: the expanded model
+            with the fast block's update), so the student begins where the awake model is (`mem.copy_slot`).
         optimizer: the wake's optimizer, whose state for the pruned fast slot is dropped.
         callbacks: trainer callbacks (e.g. rich progress).
     """
@@ -120,6 +133,8 @@ def consolidate(
         )
     names = memory.expand(slow_level)
     if fast_level is not None:
+        if warm_start:
+            memory.copy_slot((fast_level, 0), (slow_level, memory.unlocked(slow_level) - 1))
         memory.suspend(fast_level)
     config = GeneralizedDistillationConfig(
         **{**args, "trainable_parameters": names, "teacher_view": "memory", "teacher_model_name_or_path": None,
@@ -128,7 +143,7 @@ def consolidate(
     trainer = GeneralizedDistillationTrainer(
         model=model, args=config, train_dataset=prompts, processing_class=tokenizer, callbacks=callbacks
     )
-    result = trainer.train()
+    result = quiet_trainer(trainer).train()
     if fast_level is not None:
         memory.reset(fast_level, optimizer=optimizer)  # synaptic pruning (and the Adam moments of the fast slot)
     logs = [h for h in trainer.state.log_history if "distill/loss" in h]

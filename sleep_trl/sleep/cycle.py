@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import RichProgressCallback, SFTTrainer
 
 from ..assets import resolve_model_path
+from ..io import sha256_file
 from ..data.sessions import SessionStream, load_stream
 from ..dreaming.tau import NoContextQA
 from ..eval import AccuracyMatrix, ClosedBookQA
@@ -30,10 +31,12 @@ from ..memory import LevelConfig, MemoryConfig, attach_memory, load_memory
 from ..trainers.dream_trainer import DreamTrainer
 from .baselines import dream_texts, rehearsal_texts
 from .config import SleepConfig
+from .console import quiet_libraries, quiet_trainer
 from .consolidation import consolidate
 from .data import consolidation_prompts, length_grouped_order, wake_texts
+from .guards import DivergenceGuard, RunLock, check_finite
 from .ledger import Ledger, PhaseRecord
-from .report import finalize, load_report
+from .report import MODEL_DIR, REPORT_NAME, finalize, load_report
 
 BASE = "base"  # the evaluation before any session (session index -1)
 
@@ -96,11 +99,18 @@ class SleepCycle:
 
     def run(self) -> dict:
         cfg = self.config
-        self.stream = load_config_stream(cfg)  # before the run directory is made: refused data leaves no trace
-        ledger = Ledger.open(self.output_dir, self.fingerprint(), defaults=type(cfg).defaults())
-        if ledger.finished:
-            self.console.print(f"[bold]{self.output_dir} holds a finished run; nothing to do.")
-            return load_report(self.output_dir, self.console)
+        # Before the run directory is made, so refused input leaves no trace: the data and the model path.
+        self.stream = load_config_stream(cfg)
+        self.model_path = resolve_model_path(cfg.model_name_or_path)
+        with RunLock(self.output_dir), quiet_libraries():
+            ledger = Ledger.open(self.output_dir, self.fingerprint(), defaults=type(cfg).defaults())
+            if ledger.finished and (self.output_dir / REPORT_NAME).exists() and (self.output_dir / MODEL_DIR).exists():
+                self.console.print(f"[bold]{self.output_dir} holds a finished run; nothing to do.")
+                return load_report(self.output_dir, self.console)
+            return self._run(ledger)
+
+    def _run(self, ledger: Ledger) -> dict:
+        cfg = self.config
         # `accelerate launch` exports OMP_NUM_THREADS=1 for every process; one process should use every core.
         single = int(os.environ.get("WORLD_SIZE", "1")) == 1
         threads = cfg.torch_threads or (_available_cores() if single else None)
@@ -124,10 +134,10 @@ class SleepCycle:
             self.system_prompt = None  # plain-text models have no system turn
             self.qa.system_prompt = None
         self.memory = attach_memory(self.model, self._memory_config())
-        resume_from = ledger.last_checkpoint()
-        if resume_from is not None:
-            load_memory(self.model, self.output_dir / resume_from)
-            self.console.print(f"[bold]Resuming[/] after {len(ledger.phases)} finished phases ({resume_from}).")
+        record = ledger.last_checkpointed()
+        if record is not None:
+            load_memory(self.model, ledger.verify(record))
+            self.console.print(f"[bold]Resuming[/] after {len(ledger.phases)} finished phases ({record.checkpoint}).")
         names = [s.name for s in self.stream.sessions]
         if ledger.matrix is not None:
             self.matrix = AccuracyMatrix.from_dict(ledger.matrix)
@@ -141,28 +151,34 @@ class SleepCycle:
         seed = cfg.seed + 100 * (k + 1) + index
         set_seed(seed)
         t0 = time.perf_counter()
+        self._label = f"{phase} of {label}"
         metrics, changed = getattr(self, f"_{phase}")(k, seed)
         seconds = time.perf_counter() - t0
-        checkpoint = None
+        checkpoint = checksum = None
         if changed:
+            check_finite(self.memory, self._label)
             checkpoint = f"checkpoints/s{k}-{phase}"
             self.memory.save(self.output_dir / checkpoint)
-        ledger.record(PhaseRecord(k, phase, round(seconds, 2), checkpoint, metrics), self.matrix.to_dict())
+            checksum = sha256_file(self.output_dir / checkpoint / "memory.safetensors")
+        record = PhaseRecord(k, phase, round(seconds, 2), checkpoint, metrics, checksum)
+        ledger.record(record, self.matrix.to_dict())
         self.console.print(f"[dim]{phase} · {label}: {seconds:.1f}s {metrics}")
 
     # -----------------------------------------------------------------------------------------------------------------
     # Setup
     # -----------------------------------------------------------------------------------------------------------------
 
+    def _callbacks(self) -> list:
+        return [RichProgressCallback(), DivergenceGuard(self._label)]
+
     def _load_model(self):
-        path = resolve_model_path(self.config.model_name_or_path)
+        path = self.model_path
         tokenizer = AutoTokenizer.from_pretrained(path)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         for p in model.parameters():
             p.requires_grad_(False)
-        self.model_path = path
         return tokenizer, model
 
     def _memory_config(self) -> MemoryConfig:
@@ -240,8 +256,8 @@ class SleepCycle:
             texts = [texts[i] for i in length_grouped_order(lengths, steps * per_step, per_step, seed)]
             args.train_sampling_strategy = "sequential"
         trainer = SFTTrainer(model=self.model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
-                             processing_class=self.tokenizer, callbacks=[RichProgressCallback()])
-        result = trainer.train()
+                             processing_class=self.tokenizer, callbacks=self._callbacks())
+        result = quiet_trainer(trainer).train()
         return {**metrics, "train_loss": round(result.training_loss, 4)}, True
 
     def _consolidate(self, k: int, seed: int):
@@ -257,7 +273,7 @@ class SleepCycle:
         }
         result = consolidate(
             self.model, self.tokenizer, data, fields, fast_level=None if in_context else "fast",
-            callbacks=[RichProgressCallback()],
+            warm_start=cfg.warm_start, callbacks=self._callbacks(),
         )
         return result.metrics(), True
 
@@ -275,10 +291,10 @@ class SleepCycle:
         tasks = Dataset.from_list(self.stream.sessions[k].contexts)
         trainer = DreamTrainer(
             self.model, args=args, train_dataset=tasks, processing_class=self.tokenizer, tau=NoContextQA(self.qa),
-            callbacks=[RichProgressCallback()],
+            callbacks=self._callbacks(),
         )
         tau_before = trainer.evaluate_tau()
-        trainer.train()
+        quiet_trainer(trainer).train()
         tau_after = trainer.evaluate_tau()
         rates = [h["dream/reward_rate"] for h in trainer.state.log_history if "dream/reward_rate" in h]
         metrics = {"steps": args.max_steps, "tau_before": round(tau_before, 4), "tau_after": round(tau_after, 4)}

@@ -1,9 +1,11 @@
 """The run ledger: which phases of the Sleep cycle are finished, so a killed run resumes where it stopped.
 
 `cycle_state.json` in the output directory records the configuration fingerprint and, per finished phase, its
-session, name, duration, metrics and checkpoint folder. It is rewritten atomically (temporary file + rename) after
-each phase, so an interruption leaves either the previous ledger or the new one, never half of one. A phase counts
-as done only once its checkpoint is fully written and the ledger names it.
+session, name, duration, metrics, checkpoint folder and the SHA-256 of the checkpoint's `memory.safetensors`. It is
+rewritten atomically (temporary file + rename) after each phase, so an interruption leaves either the previous
+ledger or the new one, never half of one. A phase counts as done only once its checkpoint is fully written and the
+ledger names it. A ledger with no finished training phase holds nothing to protect: a run that failed before its first
+wake or sleep can be started again with a corrected configuration in the same directory.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..io import atomic_write_json
+from ..errors import SleepTrlError
+from ..io import atomic_write_json, sha256_file
 
 LEDGER_NAME = "cycle_state.json"
 FORMAT = "sleep_trl.cycle/1"
 
 
-class LedgerMismatchError(RuntimeError):
+class LedgerMismatchError(SleepTrlError):
     """The output directory holds a run with a different configuration."""
 
 
@@ -30,6 +33,7 @@ class PhaseRecord:
     seconds: float
     checkpoint: str | None = None
     metrics: dict = field(default_factory=dict)
+    checksum: str | None = None  # SHA-256 of the checkpoint's memory.safetensors
 
 
 @dataclass
@@ -49,9 +53,21 @@ class Ledger:
         output_dir = Path(output_dir)
         path = output_dir / LEDGER_NAME
         if path.exists():
-            data = json.loads(path.read_text())
+            try:
+                data = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise LedgerMismatchError(
+                    f"{path} is damaged (not valid JSON: {err}). The phase checkpoints under {output_dir}/checkpoints "
+                    "are untouched; restore the ledger from a backup, or move the directory away and start again."
+                ) from None
             if data.get("format") != FORMAT:
                 raise LedgerMismatchError(f"{path} is not a sleep-trl run ledger.")
+            if not any(p["phase"] != "base" for p in data.get("phases", [])):
+                # Nothing was learned yet (at most the zero-shot evaluation ran): a run that failed early, e.g. on a
+                # bad setting, is started afresh with the corrected configuration.
+                ledger = cls(path=path, fingerprint=fingerprint)
+                ledger.write()
+                return ledger
             stored = dict(data["fingerprint"])
             for key, value in (defaults or {}).items():
                 if key in fingerprint and key not in stored and fingerprint[key] == value:
@@ -71,7 +87,7 @@ class Ledger:
                 matrix=data.get("matrix"),
                 finished=data.get("finished", False),
             )
-        if output_dir.exists() and any(output_dir.iterdir()):
+        if output_dir.exists() and any(p.name != ".lock" for p in output_dir.iterdir()):
             raise LedgerMismatchError(
                 f"{output_dir} exists and is not empty, but holds no sleep-trl run. Choose a new `output_dir`."
             )
@@ -84,10 +100,32 @@ class Ledger:
         return any(p.session == session and p.phase == phase for p in self.phases)
 
     def last_checkpoint(self) -> str | None:
+        record = self.last_checkpointed()
+        return None if record is None else record.checkpoint
+
+    def last_checkpointed(self) -> PhaseRecord | None:
+        """The newest finished phase that wrote a checkpoint (what a resumed run loads)."""
         for record in reversed(self.phases):
             if record.checkpoint is not None:
-                return record.checkpoint
+                return record
         return None
+
+    def verify(self, record: PhaseRecord) -> Path:
+        """The checkpoint folder of `record`, after checking its weights against the checksum the ledger keeps."""
+        folder = self.path.parent / record.checkpoint
+        weights = folder / "memory.safetensors"
+        if not weights.is_file():
+            raise LedgerMismatchError(
+                f"{weights} is missing, but the ledger records phase {record.phase!r} of session {record.session} as "
+                "finished. Restore the file, or start a new run in another `output_dir`."
+            )
+        if record.checksum is not None and sha256_file(weights) != record.checksum:
+            raise LedgerMismatchError(
+                f"{weights} does not match the checksum the ledger recorded when phase {record.phase!r} of session "
+                f"{record.session} finished: the file is damaged. Restore it, or start a new run in another "
+                "`output_dir`."
+            )
+        return folder
 
     def record(self, record: PhaseRecord, matrix: dict | None = None) -> None:
         self.phases.append(record)

@@ -33,6 +33,7 @@ from typing import ClassVar
 import torch
 from datasets import Dataset, IterableDataset
 from rich.console import Console
+from rich.progress import track
 from rich.table import Table
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase, ProcessorMixin
 from trl import GRPOTrainer
@@ -62,6 +63,8 @@ def prepare_dream_dataset(dataset, args: DreamConfig, tau, conversational: bool)
         return None
     if not isinstance(dataset, (Dataset, IterableDataset)):
         raise TypeError(f"Expected a `datasets.Dataset` of tasks, got {type(dataset).__name__}.")
+    if isinstance(dataset, Dataset) and len(dataset) == 0:
+        raise ValueError("The dataset of tasks is empty: there is nothing to dream about. Give it at least one task.")
     columns = dataset.column_names or []
     if columns and args.context_column not in columns:
         raise ValueError(
@@ -465,7 +468,9 @@ class DreamTrainer(GRPOTrainer):
         """Mean tau of the model as it is (no context, no adaptation) over the tasks of `dataset` (default: train)."""
         dataset = self.train_dataset if dataset is None else dataset
         policy = self.accelerator.unwrap_model(self.model)
-        scores = [float(self.tau(policy, self._tokenizer, row)) for row in dataset]
+        rows = track(dataset, description="tau of the model, task by task", transient=True,
+                     disable=not self.accelerator.is_main_process)
+        scores = [float(self.tau(policy, self._tokenizer, row)) for row in rows]
         return sum(scores) / len(scores)
 
     def write_dreams(
@@ -527,7 +532,9 @@ class DreamTrainer(GRPOTrainer):
         dreams = self.write_dreams(dataset, num_dreams, temperature)
         tasks, seqs, before = [], [], []
         taus = []
-        for row, row_dreams in zip(dataset, dreams, strict=True):
+        rows = track(list(zip(dataset, dreams, strict=True)), description="tau before each dream", transient=True,
+                     disable=not self.accelerator.is_main_process)
+        for row, row_dreams in rows:
             tau_now = float(self.tau(policy, self._tokenizer, row))
             taus.append(tau_now)
             for dream in row_dreams:
@@ -542,6 +549,7 @@ class DreamTrainer(GRPOTrainer):
             seqs,
             before,
             dataclasses.replace(args.inner_loop(), reward_type="binary"),
+            progress=self.accelerator.is_main_process,
         )
         return {
             "tau": sum(taus) / len(taus),

@@ -220,6 +220,13 @@ class GeneralizedDistillationConfig(DistillationConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if not self.temperature > 0:
+            raise ValueError(
+                f"`temperature` must be > 0 (it divides the logits of both distributions and sets the sampling), got "
+                f"{self.temperature}."
+            )
+        if self.max_completion_length is not None and self.max_completion_length < 1:
+            raise ValueError(f"`max_completion_length` must be >= 1, got {self.max_completion_length}.")
         for name in ("lmbda", "alpha", "gamma", "imitation_min_prefix", "imitation_max_prefix"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:

@@ -213,6 +213,17 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
         columns = set(dataset.column_names)
         if "prompt" not in columns:
             raise ValueError(f"`{name}` needs a 'prompt' column; it has {sorted(columns)}.")
+        if hasattr(dataset, "__len__"):
+            if len(dataset) == 0:
+                raise ValueError(f"`{name}` is empty: there is nothing to distil. Give it at least one prompt.")
+            for index, prompt in enumerate(dataset["prompt"]):
+                empty = not prompt or (isinstance(prompt, str) and not prompt.strip()) or (
+                    isinstance(prompt, list) and not any(str(m.get("content") or "").strip() for m in prompt))
+                if empty:
+                    raise ValueError(
+                        f"Row {index} of `{name}` has an empty prompt ({prompt!r}): every row needs text for the "
+                        "teacher and the student to continue."
+                    )
         if args.lmbda < 1.0 and not args.seq_kd and "completion" not in columns:
             raise ValueError(
                 f"`seq_kd: false` takes off-policy sequences from the dataset's 'completion' column, which `{name}` "

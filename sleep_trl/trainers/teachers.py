@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import random
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,6 +163,13 @@ def load_teachers(trainer, sources: list, args) -> list[Teacher]:
             teacher_tok = None
             if name and Path(name, "tokenizer_config.json").exists():
                 teacher_tok = AutoTokenizer.from_pretrained(name)
+            else:
+                warnings.warn(
+                    f"Teacher {name!r} was given as a model object with no tokenizer beside it, so sleep-trl cannot "
+                    "check that it shares the student's tokenizer (only that its embedding table is large enough). "
+                    "Pass the teacher as a path, or `save_pretrained` it with its tokenizer, to have it checked.",
+                    stacklevel=3,
+                )
         if teacher_tok is not None and tokenizer_fingerprint(teacher_tok) != student_fp:
             raise ValueError(
                 f"Teacher {name!r} uses a different tokenizer from the student. Knowledge Seeding compares "
