@@ -69,7 +69,7 @@ def fixed_rewards(monkeypatch):
     """Replace the inner loop by fixed rewards (in the order the dreams reach it), to test the policy update alone."""
     box = {}
 
-    def fake(model, tiny_tokenizer, tau, tasks, dreams, tau_before, config=None):
+    def fake(model, tiny_tokenizer, tau, tasks, dreams, tau_before, config=None, progress=False):
         rewards = box["rewards"][: len(dreams)]
         return [DreamEvaluation(r, b, b + r, 0.0, 0.0, 1) for r, b in zip(rewards, tau_before, strict=True)]
 
@@ -331,7 +331,7 @@ def test_evaluate_dreaming_averages_the_inner_loop_outcomes(tmp_path, tiny_token
     trainer = make_trainer(tmp_path, tiny_tokenizer, dataset, reward_type="improvement")
     seen = {}
 
-    def fake(model, tokenizer, tau, tasks, dreams, tau_before, config=None):
+    def fake(model, tokenizer, tau, tasks, dreams, tau_before, config=None, progress=False):
         seen["config"] = config
         outcomes = [(1.0, 0.75), (0.0, 0.25)][: len(dreams)] + [(0.0, 0.0)] * max(0, len(dreams) - 2)
         return [DreamEvaluation(r, b, a, 0.0, 0.0, 1) for (r, a), b in zip(outcomes, tau_before, strict=True)]
