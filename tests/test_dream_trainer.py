@@ -309,6 +309,8 @@ def test_train_runs_logs_dream_metrics_and_writes_model_card(tmp_path, tiny_toke
     trainer.create_model_card(model_name="dreamer")
     card = (tmp_path / "out" / "README.md").read_text()
     assert "Language Models Need Sleep" in card and "2606.03979" in card and "dreaming" in card
+    assert "[None]" not in card and "a fine-tuned version of a local model" in card
+    assert "rest_em/kept_fraction" in logged and 0 <= logged["rest_em/kept_fraction"] <= 1
 
 
 def test_write_dreams_and_evaluate_dreaming_leave_the_policy_untouched(tmp_path, tiny_tokenizer, dataset):

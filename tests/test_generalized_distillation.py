@@ -351,6 +351,20 @@ def test_model_card_is_written_on_save(tmp_path, student_dir, teacher_dir):
     assert "knowledge-seeding" in card and "sleep-trl" in card
     assert "2606.03979" in card and "@article{behrouz2026sleep" in card
     assert (tmp_path / "out" / "model.safetensors").exists()
+    assert "[None]" not in card and f"a local model (`{student_dir.name}`)" in card
+
+
+def test_model_card_names_a_packaged_base_model_by_its_hub_repository(tmp_path, student_dir, teacher_dir):
+    trainer = GeneralizedDistillationTrainer(
+        model=str(student_dir), teacher_model=str(teacher_dir), train_dataset=prompts(),
+        args=cpu_args(tmp_path, max_steps=1, alpha=1.0),
+    )
+    trainer.model.config._name_or_path = "smollm2-135m-instruct"  # as when loaded from the packaged copy
+    trainer.create_model_card()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
+    assert "[HuggingFaceTB/SmolLM2-135M-Instruct](https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct)" in card
+    assert trainer.model.config._name_or_path == "smollm2-135m-instruct"  # put back after the card
 
 
 def test_self_seeding_through_a_peft_view_holds_one_copy(tmp_path, student_dir):

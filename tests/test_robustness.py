@@ -72,9 +72,9 @@ def test_every_phases_settings_are_checked_before_anything_runs(tmp_path, flags,
 
 # ------------------------------------------------------------------------------------------------------ 3. divergence
 def test_a_non_finite_memory_is_never_checkpointed(tmp_path):
+    from sleep_trl.memory import MemoryConfig, attach_memory
     from sleep_trl.sleep.guards import check_finite
     from sleep_trl.tiny import build_model, build_tokenizer
-    from sleep_trl.memory import MemoryConfig, attach_memory
 
     mem = attach_memory(build_model(build_tokenizer(), arch="llama"), MemoryConfig())
     check_finite(mem, "wake of session 0")

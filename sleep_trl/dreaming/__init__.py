@@ -4,7 +4,14 @@ The trainer that ties them together is `sleep_trl.trainers.dream_trainer.DreamTr
 """
 
 from .experts import random_expert_sampling
-from .inner_loop import DreamEvaluation, InnerLoopConfig, IsolatedAdapter, compute_reward, evaluate_dreams, train_adapter
+from .inner_loop import (
+    DreamEvaluation,
+    InnerLoopConfig,
+    IsolatedAdapter,
+    compute_reward,
+    evaluate_dreams,
+    train_adapter,
+)
 from .passages import DEMO_PASSAGES, demo_tasks
 from .selection import dream_importance, resolve_importance_parameters, select_dreams
 from .tau import GenerativeTau, HeldOutDemoAccuracy, NoContextQA, Tau, build_tau

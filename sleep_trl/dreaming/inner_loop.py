@@ -22,8 +22,8 @@ from typing import Self
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
-from rich.progress import track
 from peft.tuners.tuners_utils import BaseTunerLayer
+from rich.progress import track
 
 from ..generation.hf import pad_token_id
 from .sft_data import batches, encode_example, token_nll_sum

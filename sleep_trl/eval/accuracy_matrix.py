@@ -108,15 +108,19 @@ class AccuracyMatrix:
         session_rows: Sequence,
         sessions: Sequence[int] | None = None,
         qa: ClosedBookQA | None = None,
+        distributed: bool = False,
     ) -> list[float]:
         """Fill row `after` by asking each session's rows (`session_rows[j]`, e.g. `world.sessions[j].eval_qa`)
-        through `qa` (default: `ClosedBookQA` with this matrix's metric); its metric must be this matrix's."""
+        through `qa` (default: `ClosedBookQA` with this matrix's metric); its metric must be this matrix's. With
+        `distributed`, the questions are split across the processes of the run and the answers gathered."""
         if len(session_rows) != self.num_sessions:
             raise ValueError(f"session_rows holds {len(session_rows)} sessions; the matrix has {self.num_sessions}.")
         qa = qa or ClosedBookQA(metric=self.metric)
         if qa.metric != self.metric:
             raise ValueError(f"metric={qa.metric!r} differs from this matrix's metric {self.metric!r}.")
-        return self.fill_row(after, lambda j: qa.evaluate(model, tokenizer, session_rows[j]), sessions)
+        return self.fill_row(
+            after, lambda j: qa.evaluate(model, tokenizer, session_rows[j], distributed=distributed), sessions
+        )
 
     # -- reading -----------------------------------------------------------------------------------------------------
 

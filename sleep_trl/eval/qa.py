@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from ..generation.distributed import gather_in_order, gathered_whole, shard, world
 from ..generation.hf import encode_prompts, generate_ids, pad_token_id
 from ..rewards.qa import as_references, best_score, check_metric
 from ..rewards.semantic import SemanticJudge
@@ -133,16 +134,26 @@ class ClosedBookQA:
         return prompt, f"{sep}{answer}\n"
 
     # ---- answering -----------------------------------------------------------------------------------------------
-    def answer(self, model, tokenizer, prompts: Sequence[str]) -> list[str]:
-        """Greedy answers to rendered `prompts`, in order."""
+    def answer(self, model, tokenizer, prompts: Sequence[str], distributed: bool = False) -> list[str]:
+        """Greedy answers to rendered `prompts`, in order.
+
+        With `distributed` (every process of a multi-process run calls it with the same prompts), each process
+        answers an equal share and the answers are gathered; under ZeRO-3 with the whole model, gathered."""
         if not prompts:
             return []
+        total = len(prompts)
+        real = total
+        if distributed and world()[0] > 1:
+            prompts, real = shard(prompts)
         # A chat template writes its own special tokens; plain prompts get the tokenizer's (e.g. a BOS token).
         ids = encode_prompts(tokenizer, prompts, add_special_tokens=not self.chat(tokenizer))
-        completions = generate_ids(
-            model, ids, pad_id=pad_token_id(tokenizer), batch_size=self.batch_size,
-            max_new_tokens=self.max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
-        )
+        with gathered_whole(model) as whole:  # ZeRO-3: each process answers its share with the whole model
+            completions = generate_ids(
+                whole, ids, pad_id=pad_token_id(tokenizer), batch_size=self.batch_size,
+                max_new_tokens=self.max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+            )
+        if distributed and world()[0] > 1:
+            completions = gather_in_order(completions, real, total)
         texts = [tokenizer.decode(c, skip_special_tokens=True).strip() for c in completions]
         if self.stop_at_newline:
             texts = [next((line.strip() for line in t.splitlines() if line.strip()), "") for t in texts]
@@ -166,12 +177,12 @@ class ClosedBookQA:
         return out
 
     # ---- all three ----------------------------------------------------------------------------------------------
-    def evaluate(self, model, tokenizer, rows) -> QAEvalResult:
+    def evaluate(self, model, tokenizer, rows, distributed: bool = False) -> QAEvalResult:
         """Answer every row's `question` closed-book and score it against its reference(s).
 
         `rows`: a `datasets.Dataset`, a list of dicts or a dict of columns, with `question` and `answer` (a string
         or a list of accepted strings; `answers` is accepted as the column name too). Other columns are copied
-        into the records."""
+        into the records. `distributed`: see `answer`."""
         items = _rows(rows)
         if not items:
             raise ValueError("No evaluation rows: pass at least one row with `question` and `answer`.")
@@ -183,7 +194,8 @@ class ClosedBookQA:
                 references.append(as_references(row["answer"] if "answer" in row else row.get("answers")))
             except ValueError as err:
                 raise ValueError(f"Evaluation row {n} ({row['question']!r}): {err}") from None
-        predictions = self.answer(model, tokenizer, self.prompts(tokenizer, ({"question": r["question"]} for r in items)))
+        prompts = self.prompts(tokenizer, ({"question": r["question"]} for r in items))
+        predictions = self.answer(model, tokenizer, prompts, distributed=distributed)
         scores = self.score(predictions, references)
         records = [{**row, "prediction": p, "score": s} for row, p, s in zip(items, predictions, scores, strict=True)]
         return QAEvalResult(accuracy=sum(scores) / len(scores), records=records, metric=self.metric)

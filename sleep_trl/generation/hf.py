@@ -126,6 +126,7 @@ def sample_continuations(
     pad_id: int,
     eos_token_ids: Sequence[int],
     generation_config,
+    synced_gpus: bool = False,
 ) -> list[list[int]]:
     """`num` continuations of every prefix, the prefix read once: one forward fills the KV cache for the prefixes
     (all but their last token), the cache is repeated `num` times along the batch, and `generate` samples from
@@ -152,7 +153,7 @@ def sample_continuations(
     try:
         out = model.generate(
             input_ids=input_ids.repeat_interleave(num, 0), attention_mask=attention_mask.repeat_interleave(num, 0),
-            generation_config=generation_config, **kwargs,
+            generation_config=generation_config, synced_gpus=synced_gpus, **kwargs,
         )
     finally:
         model.train(was_training)

@@ -13,6 +13,7 @@ import os
 import time
 
 import torch
+from accelerate import PartialState
 from datasets import Dataset
 from rich.console import Console
 from rich.table import Table
@@ -58,7 +59,8 @@ def load_model(script_args: DreamScriptArguments):
 
 def run(script_args: DreamScriptArguments, args: DreamConfig) -> dict:
     """Run the job; returns the summary written to `output_dir/dream_summary.json`."""
-    console = Console()
+    main = PartialState().is_main_process  # under `accelerate launch` the main process alone prints and writes
+    console = Console(quiet=not main)
     dataset = load_tasks(script_args)  # read (and fail) before loading the model
     model, tokenizer, path = load_model(script_args)
     console.print(
@@ -109,10 +111,11 @@ def run(script_args: DreamScriptArguments, args: DreamConfig) -> dict:
         "reward_seconds_per_dream": cost,
         "seconds": {"eval_before": t1 - t0, "train": t2 - t1, "eval_after": t3 - t2},
     }
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "dream_summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    if main:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "dream_summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
     if script_args.save_model:
-        trainer.save_model(args.output_dir)
+        trainer.save_model(args.output_dir)  # every process (ZeRO-3 gathers), the main one writes
         trainer.create_model_card(model_name=os.path.basename(os.path.normpath(args.output_dir)))
     return summary

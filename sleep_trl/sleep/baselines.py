@@ -14,6 +14,7 @@ from transformers import GenerationConfig
 
 from ..dreaming.templates import build_dream_prompt
 from ..eval.qa import has_chat_template
+from ..generation.distributed import gathered_whole
 from ..generation.hf import encode_prompts, generate_ids, pad_token_id, sample_continuations
 from .data import qa_text, question_prompt, replay_items
 
@@ -26,11 +27,12 @@ def rehearsal_texts(cycle, k: int, seed: int) -> list[str]:
         prompts = [question_prompt(tok, it["text"], cycle.system_prompt) if it["kind"] == "question" else it["text"]
                    for it in items]
         ids = encode_prompts(tok, prompts, add_special_tokens=not has_chat_template(tok))
-        completions = generate_ids(
-            cycle.model, ids, pad_id=pad_token_id(tok), batch_size=cfg.eval_batch_size, do_sample=False,
-            max_new_tokens=cfg.phase_fields("consolidation_args")["max_completion_length"], temperature=None,
-            top_p=None, top_k=None,
-        )
+        with gathered_whole(cycle.model) as model:  # ZeRO-3: the whole model on every process
+            completions = generate_ids(
+                model, ids, pad_id=pad_token_id(tok), batch_size=cfg.eval_batch_size, do_sample=False,
+                max_new_tokens=cfg.phase_fields("consolidation_args")["max_completion_length"], temperature=None,
+                top_p=None, top_k=None,
+            )
         answers = [tok.decode(c, skip_special_tokens=True).strip() for c in completions]
     else:
         answers = [it["answer"] for it in items]
@@ -54,8 +56,9 @@ def dream_texts(cycle, k: int, seed: int) -> list[str]:
         max_new_tokens=dream.get("max_completion_length", 96), do_sample=True, temperature=dream.get("temperature", 1.0),
         top_p=None, top_k=None, pad_token_id=pad_token_id(tok),
     )
-    dreams = sample_continuations(
-        cycle.model, ids, dream.get("num_dreams", 4), pad_id=pad_token_id(tok), eos_token_ids=[tok.eos_token_id],
-        generation_config=config,
-    )
+    with gathered_whole(cycle.model) as model:  # ZeRO-3: the whole model on every process
+        dreams = sample_continuations(
+            model, ids, dream.get("num_dreams", 4), pad_id=pad_token_id(tok), eos_token_ids=[tok.eos_token_id],
+            generation_config=config,
+        )
     return [text for text in (tok.decode(d, skip_special_tokens=True).strip() for d in dreams) if text]

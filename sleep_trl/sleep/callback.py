@@ -14,7 +14,9 @@ too), unlock a fresh fast slot and let training resume.
 Its state (sleeps done, their history) is saved with the trainer's checkpoints (`trainer_state.json`, as a
 `transformers.ExportableState`), and the memory with each checkpoint folder (`MemoryCheckpointCallback`, which it
 extends), so `trainer.train(resume_from_checkpoint=...)` continues with the same memory and sleep count.
-Single-process training (CPU or one GPU) is supported.
+It runs in one process or under data-parallel `accelerate launch` (DDP: every process sleeps on the same prompts
+and the sleep's own trainer reduces the gradients, so the processes keep one memory); DeepSpeed and FSDP are refused
+(a sleep's trainer cannot re-wrap a module the running engine shards): the sleep job runs them, phase by phase.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+from accelerate import PartialState
+from accelerate.utils import DistributedType
 from datasets import Dataset
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
@@ -114,8 +118,15 @@ class SleepCallback(MemoryCheckpointCallback, ExportableState):
     # -- events -------------------------------------------------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
-        if args.world_size > 1:
-            raise ValueError("SleepCallback supports single-process training (one CPU or GPU process).")
+        sharded = PartialState().distributed_type
+        if sharded in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            # A sleep trains the model with a trainer of its own; DeepSpeed and FSDP cannot wrap a module that the
+            # running trainer's engine already shards (measured: ZeRO-3 fails in its parameter trace).
+            raise ValueError(
+                f"SleepCallback runs with one process or data-parallel processes (DDP), not under {sharded.value}: "
+                "for sharded models run the sleep job instead (`accelerate launch --config_file "
+                "recipes/accelerate/zero3.yaml -m sleep_trl RECIPE.yaml`), whose every phase is its own ZeRO-3 run."
+            )
         memory = _memory_of(model)
         if self.every_n_steps is None:
             chunk = memory.config.level(self.fast_level).chunk_size

@@ -66,7 +66,7 @@ DREAM_DEFAULTS = {
 }
 
 # Fields the cycle sets per phase (a section that names one is refused, with the reason).
-_CYCLE_SET = ("output_dir", "seed")
+_CYCLE_SET = ("output_dir", "seed", "run_name", "push_to_hub", "hub_model_id")
 _FIXED = {
     "wake_args": _CYCLE_SET,
     "consolidation_args": (*_CYCLE_SET, *CONSOLIDATION_FIXED),
@@ -84,10 +84,18 @@ _WHY_FIXED = {
     "teachers": "the teacher is the memory's teacher view",
     "random_expert_sampling": "it follows `slow_gate` (routed slow levels dream with random experts)",
     "dream_system_prompt": "every conversation of the run uses the cycle's `system_prompt`",
+    "run_name": "each phase's run name is `{run_name}-s{k}-{phase}`, from the sleep config's `run_name`",
+    "push_to_hub": "the sleep job pushes the final model: set the sleep config's `push_to_hub`",
+    "hub_model_id": "the sleep job pushes the final model: set the sleep config's `hub_model_id`",
 }
 # Section fields that do not change what a run computes (left out of the resume fingerprint).
 _NOT_RESULTS = {"report_to", "logging_steps", "logging_first_step", "disable_tqdm", "num_dreams_to_print", "run_name",
                 "logging_dir", "log_level", "logging_strategy", "log_completions"}
+
+
+# Fields of the sleep config itself that do not change what a run computes.
+_NOT_IDENTITY = ("output_dir", "torch_threads", "report_to", "run_name", "push_to_hub", "hub_model_id",
+                 "hub_private_repo")
 
 
 class SectionError(SleepTrlError):
@@ -260,6 +268,24 @@ class SleepConfig:
         eval_max_new_tokens (`int`, defaults to `16`), eval_batch_size (`int`, defaults to `24`).
         eval_future_sessions (`bool`, defaults to `True`):
             Also evaluate sessions not learned yet (zero-shot upper triangle, and forward transfer).
+
+        > Logging and publishing (none of these change what a run computes, nor its resume fingerprint)
+
+        report_to (`str`, `list[str]` or `None`, defaults to `None`):
+            Where every phase's trainer reports its logs (`"tensorboard"`, `"trackio"`, `"wandb"`, ... as in
+            `TrainingArguments`); `None`: nowhere (`"none"`). A section's own `report_to` wins for that phase.
+        run_name (`str` or `None`, defaults to `None`):
+            Prefix of the per-phase run names (`{run_name}-s{k}-{phase}`, e.g. `my-run-s1-consolidate`); `None`:
+            the name of `output_dir`.
+        push_to_hub (`bool`, defaults to `False`):
+            Upload the final model folder (host weights, `memory.safetensors`, tokenizer, model card, report and
+            accuracy-matrix plot) to the Hub when the run finishes. Checked before anything runs: the Hub must be
+            reachable (`HF_HUB_OFFLINE` unset) and a token known (`HF_TOKEN` or `hf auth login`). A finished run
+            re-run with `push_to_hub: true` uploads without training again.
+        hub_model_id (`str` or `None`, defaults to `None`):
+            The repository to push to (`user/name` or `name`, in your namespace); `None`: the name of `output_dir`.
+        hub_private_repo (`bool` or `None`, defaults to `None`):
+            Create the repository private (`None`: the Hub's default for your account).
     """
 
     # Phase sections and the trainer config each holds the fields of (read by the CLI for `--section.field`).
@@ -320,6 +346,12 @@ class SleepConfig:
     eval_max_new_tokens: int = field(default=16, metadata={"help": "Tokens per evaluation answer."})
     eval_batch_size: int = field(default=24, metadata={"help": "Evaluation batch size."})
     eval_future_sessions: bool = field(default=True, metadata={"help": "Evaluate future sessions (zero-shot)."})
+    # logging and publishing
+    report_to: list[str] | None = field(default=None, metadata={"help": "Integrations every phase reports to."})
+    run_name: str | None = field(default=None, metadata={"help": "Prefix of the per-phase run names."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload the final model folder to the Hub."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository (None: output_dir's name)."})
+    hub_private_repo: bool | None = field(default=None, metadata={"help": "Create the Hub repository private."})
 
     def __post_init__(self):
         self.wake_args = _as_section(self.wake_args, "wake_args")
@@ -370,6 +402,13 @@ class SleepConfig:
             )
         if self.dream and self.method != "sleep":
             raise ValueError("`dream: true` needs `method: sleep` (dreams train the expert a sleep unlocks).")
+        if self.hub_model_id is not None:
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+            try:
+                validate_repo_id(self.hub_model_id)
+            except HFValidationError as err:
+                raise ValueError(f"`hub_model_id` is not a Hub repository name ('user/name' or 'name'): {err}") from None
         if self.memory_layers != "all":
             try:
                 [int(x) for x in str(self.memory_layers).split(",")]
@@ -402,7 +441,10 @@ class SleepConfig:
         """The section's fields: the cycle's defaults, overridden by the recipe's."""
         defaults = {"wake_args": WAKE_DEFAULTS, "consolidation_args": CONSOLIDATION_DEFAULTS,
                     "dream_args": DREAM_DEFAULTS}[section]
-        merged = {**defaults, **getattr(self, section)}
+        given = getattr(self, section)
+        merged = {**defaults, **given}
+        if "report_to" not in given:
+            merged["report_to"] = "none" if self.report_to is None else self.report_to
         if section == "dream_args":
             merged.setdefault("per_device_train_batch_size", merged["num_dreams"])  # one context per round
         return merged
@@ -414,12 +456,13 @@ class SleepConfig:
             merged.update(teacher_view="memory", trainable_parameters=None)
         return self.sections[section](**merged)
 
-    def wake_steps(self, num_texts: int) -> int:
-        """Optimizer steps of a wake over `num_texts` training texts (`max_steps`, or from `num_train_epochs`)."""
+    def wake_steps(self, num_texts: int, num_processes: int = 1) -> int:
+        """Optimizer steps of a wake over `num_texts` training texts (`max_steps`, or from `num_train_epochs`, the
+        batch being `per_device_train_batch_size x gradient_accumulation_steps x num_processes`)."""
         wake = self.phase_fields("wake_args")
         if wake.get("max_steps", -1) > 0:
             return int(wake["max_steps"])
-        per_step = wake["per_device_train_batch_size"] * wake.get("gradient_accumulation_steps", 1)
+        per_step = wake["per_device_train_batch_size"] * wake.get("gradient_accumulation_steps", 1) * num_processes
         return max(1, math.ceil(wake["num_train_epochs"] * num_texts / per_step))
 
     # ---- identity of a run ----------------------------------------------------------------------------------------
@@ -446,8 +489,8 @@ class SleepConfig:
 
     def fingerprint(self) -> dict:
         """Fields that change the results, sections resolved and flattened: a resumed run must have the same
-        (output_dir, torch_threads and logging fields excluded)."""
+        (output_dir, torch_threads, logging and publishing fields excluded)."""
         data = self._flat(resolved=True)
-        data.pop("output_dir")
-        data.pop("torch_threads")
+        for name in _NOT_IDENTITY:
+            data.pop(name)
         return data

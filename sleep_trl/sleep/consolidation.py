@@ -20,10 +20,11 @@ from dataclasses import dataclass, fields
 
 from transformers import TrainingArguments
 
+from ..generation.distributed import mean_over_processes, release_engine
 from ..memory import find_memory
-from .console import quiet_trainer
 from ..trainers.generalized_distillation_config import GeneralizedDistillationConfig
 from ..trainers.generalized_distillation_trainer import GeneralizedDistillationTrainer
+from .console import quiet_trainer
 
 # transformers renamed `gradient_checkpointing` to `activation_checkpointing` (5.2x); TRL's configs still default the
 # old name to True, so the new name is what turns it off without a deprecation warning.
@@ -144,13 +145,14 @@ def consolidate(
         model=model, args=config, train_dataset=prompts, processing_class=tokenizer, callbacks=callbacks
     )
     result = quiet_trainer(trainer).train()
+    release_engine(trainer)
     if fast_level is not None:
         memory.reset(fast_level, optimizer=optimizer)  # synaptic pruning (and the Adam moments of the fast slot)
     logs = [h for h in trainer.state.log_history if "distill/loss" in h]
     return ConsolidationResult(
         slot=memory.unlocked(slow_level) - 1,
         steps=trainer.state.global_step,
-        train_loss=result.training_loss,
+        train_loss=mean_over_processes(result.training_loss),
         prompts=len(prompts),
         distill_loss_last=logs[-1]["distill/loss"] if logs else None,
     )

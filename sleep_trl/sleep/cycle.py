@@ -11,6 +11,7 @@ configuration continues after the last finished phase and ends with the same rep
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -22,11 +23,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import RichProgressCallback, SFTTrainer
 
 from ..assets import resolve_model_path
-from ..io import sha256_file
 from ..data.sessions import SessionStream, load_stream
 from ..dreaming.tau import NoContextQA
 from ..eval import AccuracyMatrix, ClosedBookQA
 from ..eval.qa import has_chat_template
+from ..generation.distributed import is_main_process, mean_over_processes, release_engine, wait_for_everyone, world
+from ..io import sha256_file
 from ..memory import LevelConfig, MemoryConfig, attach_memory, load_memory
 from ..trainers.dream_trainer import DreamTrainer
 from .baselines import dream_texts, rehearsal_texts
@@ -36,7 +38,8 @@ from .consolidation import consolidate
 from .data import consolidation_prompts, length_grouped_order, wake_texts
 from .guards import DivergenceGuard, RunLock, check_finite
 from .ledger import Ledger, PhaseRecord
-from .report import MODEL_DIR, REPORT_NAME, finalize, load_report
+from .publish import check_can_push
+from .report import MODEL_DIR, REPORT_NAME, finalize, finished_run
 
 BASE = "base"  # the evaluation before any session (session index -1)
 
@@ -46,6 +49,19 @@ def _available_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def _without_zero3_init():
+    """Within the block, transformers does not build models partitioned for DeepSpeed ZeRO-3."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def load_config_stream(config: SleepConfig) -> SessionStream:
@@ -102,18 +118,30 @@ class SleepCycle:
         # Before the run directory is made, so refused input leaves no trace: the data and the model path.
         self.stream = load_config_stream(cfg)
         self.model_path = resolve_model_path(cfg.model_name_or_path)
-        with RunLock(self.output_dir), quiet_libraries():
-            ledger = Ledger.open(self.output_dir, self.fingerprint(), defaults=type(cfg).defaults())
+        check_can_push(cfg)
+        self.main = is_main_process()  # under `accelerate launch` only the main process writes files
+        if not self.main:
+            self.console.quiet = True
+        with RunLock(self.output_dir) if self.main else contextlib.nullcontext(), quiet_libraries():
+            ledger = self._open_ledger()
             if ledger.finished and (self.output_dir / REPORT_NAME).exists() and (self.output_dir / MODEL_DIR).exists():
                 self.console.print(f"[bold]{self.output_dir} holds a finished run; nothing to do.")
-                return load_report(self.output_dir, self.console)
+                return finished_run(self)
             return self._run(ledger)
+
+    def _open_ledger(self) -> Ledger:
+        """The main process opens (or starts) the ledger; the others read it once it is there."""
+        defaults = type(self.config).defaults()
+        ledger = Ledger.open(self.output_dir, self.fingerprint(), defaults=defaults) if self.main else None
+        wait_for_everyone()
+        if ledger is None:
+            ledger = Ledger.open(self.output_dir, self.fingerprint(), defaults=defaults, writer=False)
+        return ledger
 
     def _run(self, ledger: Ledger) -> dict:
         cfg = self.config
         # `accelerate launch` exports OMP_NUM_THREADS=1 for every process; one process should use every core.
-        single = int(os.environ.get("WORLD_SIZE", "1")) == 1
-        threads = cfg.torch_threads or (_available_cores() if single else None)
+        threads = cfg.torch_threads or (_available_cores() if world()[0] == 1 else None)
         if threads:
             torch.set_num_threads(threads)
         started = time.perf_counter()
@@ -158,8 +186,10 @@ class SleepCycle:
         if changed:
             check_finite(self.memory, self._label)
             checkpoint = f"checkpoints/s{k}-{phase}"
-            self.memory.save(self.output_dir / checkpoint)
-            checksum = sha256_file(self.output_dir / checkpoint / "memory.safetensors")
+            self.memory.save(self.output_dir / checkpoint, is_main_process=self.main)  # collective under ZeRO-3
+            if self.main:
+                checksum = sha256_file(self.output_dir / checkpoint / "memory.safetensors")
+            wait_for_everyone()
         record = PhaseRecord(k, phase, round(seconds, 2), checkpoint, metrics, checksum)
         ledger.record(record, self.matrix.to_dict())
         self.console.print(f"[dim]{phase} · {label}: {seconds:.1f}s {metrics}")
@@ -176,7 +206,11 @@ class SleepCycle:
         tokenizer = AutoTokenizer.from_pretrained(path)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        # Loaded whole on every process, also under DeepSpeed ZeRO-3 (whose configs, built with the phase configs,
+        # would otherwise partition it at load): the zero-shot evaluation runs before any trainer exists, and the
+        # first phase's engine partitions it.
+        with _without_zero3_init():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         for p in model.parameters():
             p.requires_grad_(False)
         return tokenizer, model
@@ -187,7 +221,7 @@ class SleepCycle:
         # One fresh expert per session in the baselines that never sleep, as large as sleep's fast + slow pair.
         fresh = cfg.method in ("expert_per_session", "dream_only")
         slow_rank = cfg.fast_rank + cfg.slow_rank if fresh else cfg.slow_rank
-        chunk = cfg.wake_steps(len(self._wake_texts(0)))
+        chunk = cfg.wake_steps(len(self._wake_texts(0)), world()[0])
         return MemoryConfig(
             layers=cfg.layers,
             levels=[
@@ -208,6 +242,10 @@ class SleepCycle:
 
     def _phase_dir(self, name: str) -> str:
         return str(self.output_dir / "trainer" / name)
+
+    def _run_name(self, name: str) -> str:
+        """The phase's run name for `report_to` integrations: `{run_name or output_dir's name}-{name}`."""
+        return f"{self.config.run_name or self.output_dir.resolve().name}-{name}"
 
     # -----------------------------------------------------------------------------------------------------------------
     # Phases: each returns (metrics, whether the memory changed)
@@ -232,7 +270,7 @@ class SleepCycle:
     def _wake(self, k: int, seed: int):
         cfg, mem = self.config, self.memory
         texts = self._wake_texts(k)
-        steps = cfg.wake_steps(len(texts))  # the session's own texts set the budget, whatever is added below
+        steps = cfg.wake_steps(len(texts), world()[0])  # the session's own texts set the budget
         if cfg.method != "sleep":  # the arms that never sleep get the consolidation's steps too
             steps += cfg.phase_fields("consolidation_args")["max_steps"]
         metrics = {"steps": steps, "texts": len(texts)}
@@ -243,7 +281,8 @@ class SleepCycle:
             extra = dream_texts(self, k, seed)
             texts, metrics["dream_texts"] = texts + extra, len(extra)
         mem.freeze_all_but(self._wake_parameters())
-        args = cfg.phase_config("wake_args", output_dir=self._phase_dir(f"s{k}-wake"), seed=seed, max_steps=steps)
+        args = cfg.phase_config("wake_args", output_dir=self._phase_dir(f"s{k}-wake"), seed=seed, max_steps=steps,
+                               run_name=self._run_name(f"s{k}-wake"))
         lengths = [len(ids) for ids in self.tokenizer(texts)["input_ids"]]
         if args.max_length is not None and max(lengths) > args.max_length:
             long = sum(n > args.max_length for n in lengths)
@@ -258,7 +297,8 @@ class SleepCycle:
         trainer = SFTTrainer(model=self.model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
                              processing_class=self.tokenizer, callbacks=self._callbacks())
         result = quiet_trainer(trainer).train()
-        return {**metrics, "train_loss": round(result.training_loss, 4)}, True
+        release_engine(trainer)
+        return {**metrics, "train_loss": round(mean_over_processes(result.training_loss), 4)}, True
 
     def _consolidate(self, k: int, seed: int):
         cfg = self.config
@@ -270,6 +310,7 @@ class SleepCycle:
         fields = {
             **cfg.phase_fields("consolidation_args"), "use_cpu": not torch.cuda.is_available(),
             "output_dir": self._phase_dir(f"s{k}-consolidate"), "seed": seed,
+            "run_name": self._run_name(f"s{k}-consolidate"),
         }
         result = consolidate(
             self.model, self.tokenizer, data, fields, fast_level=None if in_context else "fast",
@@ -282,7 +323,7 @@ class SleepCycle:
         # Dreaming rehearses into the expert this sleep just unlocked; every older expert stays frozen.
         mem.freeze_all_but(mem.names(mem.parameters("slow", slots=[mem.unlocked("slow") - 1])))
         args = cfg.phase_config(
-            "dream_args", output_dir=self._phase_dir(f"s{k}-dream"), seed=seed, tau="qa",
+            "dream_args", output_dir=self._phase_dir(f"s{k}-dream"), seed=seed, tau="qa", run_name=self._run_name(f"s{k}-dream"),
             tau_metric=cfg.eval_metric, tau_max_new_tokens=cfg.eval_max_new_tokens,
             dream_system_prompt=self.system_prompt,
             # each router also turns on one random unlocked expert while dreaming (routed slow levels only)
@@ -296,6 +337,7 @@ class SleepCycle:
         tau_before = trainer.evaluate_tau()
         quiet_trainer(trainer).train()
         tau_after = trainer.evaluate_tau()
+        release_engine(trainer)
         rates = [h["dream/reward_rate"] for h in trainer.state.log_history if "dream/reward_rate" in h]
         metrics = {"steps": args.max_steps, "tau_before": round(tau_before, 4), "tau_after": round(tau_after, 4)}
         if rates:
@@ -310,7 +352,7 @@ class SleepCycle:
         self.model.eval()
         rows = [s.eval_qa for s in self.stream.sessions]
         accuracies = self.matrix.evaluate_model(
-            after, self.model, self.tokenizer, rows, sessions=list(sessions), qa=self.qa
+            after, self.model, self.tokenizer, rows, sessions=list(sessions), qa=self.qa, distributed=world()[0] > 1
         )
         return [round(a, 4) for a in accuracies]
 

@@ -43,9 +43,11 @@ class Ledger:
     phases: list[PhaseRecord] = field(default_factory=list)
     matrix: dict | None = None
     finished: bool = False
+    writer: bool = True  # only the main process of a multi-process run writes the ledger
 
     @classmethod
-    def open(cls, output_dir: str | os.PathLike, fingerprint: dict, defaults: dict | None = None) -> Ledger:
+    def open(cls, output_dir: str | os.PathLike, fingerprint: dict, defaults: dict | None = None,
+             writer: bool = True) -> Ledger:
         """Load the ledger of `output_dir`, or start one. Refuses a directory that holds anything else.
 
         `defaults` maps fields to their default values: a field the stored fingerprint lacks (a run started by an
@@ -62,7 +64,7 @@ class Ledger:
                 ) from None
             if data.get("format") != FORMAT:
                 raise LedgerMismatchError(f"{path} is not a sleep-trl run ledger.")
-            if not any(p["phase"] != "base" for p in data.get("phases", [])):
+            if writer and not any(p["phase"] != "base" for p in data.get("phases", [])):
                 # Nothing was learned yet (at most the zero-shot evaluation ran): a run that failed early, e.g. on a
                 # bad setting, is started afresh with the corrected configuration.
                 ledger = cls(path=path, fingerprint=fingerprint)
@@ -86,7 +88,10 @@ class Ledger:
                 phases=[PhaseRecord(**p) for p in data["phases"]],
                 matrix=data.get("matrix"),
                 finished=data.get("finished", False),
+                writer=writer,
             )
+        if not writer:
+            raise LedgerMismatchError(f"{path} was not written by the main process: it holds no run.")
         if output_dir.exists() and any(p.name != ".lock" for p in output_dir.iterdir()):
             raise LedgerMismatchError(
                 f"{output_dir} exists and is not empty, but holds no sleep-trl run. Choose a new `output_dir`."
@@ -134,6 +139,8 @@ class Ledger:
         self.write()
 
     def write(self) -> None:
+        if not self.writer:
+            return
         data = {
             "format": FORMAT,
             "fingerprint": self.fingerprint,

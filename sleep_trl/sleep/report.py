@@ -1,5 +1,5 @@
-"""The end of a Sleep run: the saved model (+ memory), `sleep_report.json`, `accuracy_matrix.png`, a model card that
-records the sleep lineage, and a table a person can read at a glance."""
+"""The end of a Sleep run: the saved model (+ memory), `sleep_report.json`, `accuracy_matrix.png`, the model card
+(`model_card.py`), the upload (`publish.py`) and a table a person can read at a glance."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ from rich.table import Table
 
 from .._version import __version__
 from ..eval import AccuracyMatrix, save_accuracy_matrix_plot
+from ..generation.distributed import main_decides, wait_for_everyone
 from ..io import atomic_write_json, atomic_write_text, publish_dir
-from ..paper import SLEEP_PAPER
+from .model_card import build_model_card
+from .publish import push_model_folder, repo_name
 
 REPORT_NAME = "sleep_report.json"
 PLOT_NAME = "accuracy_matrix.png"
@@ -91,71 +93,49 @@ def summary_table(report: dict) -> Table:
     return table
 
 
-def model_card(report: dict) -> str:
-    cfg = report["config"]
-    s = report["summary"]
-    R = report["accuracy_matrix"]["R"]
-    rows = "\n".join(
-        f"| after session {i} | " + " | ".join("-" if x is None else f"{x:.2f}" for x in row) + " |"
-        for i, row in enumerate(R)
-    )
-    header = "| | " + " | ".join(f"session {j}" for j in range(len(R))) + " |\n" + "|---" * (len(R) + 1) + "|"
-    lineage = "\n".join(
-        f"- session {e['session']}: slow expert {e['slot']} unlocked and consolidated ({e['after']})"
-        for e in report["experts_added"]
-    ) or "- none (sleep off: sequential fine-tuning baseline)"
-    return f"""---
-library_name: transformers
-base_model: {cfg['model_name_or_path']}
-tags:
-- sleep-trl
-- continual-learning
-- knowledge-seeding
-- trl
----
-
-# {Path(cfg['output_dir']).name}
-
-A continual learner trained with sleep-trl {report['sleep_trl_version']} ({report['mode']}):
-{cfg['model_name_or_path']} with a continuum memory learned {len(report['data']['sessions'])} sessions of new knowledge
-({report['data']['source']}) one after
-another. The host weights are unchanged; what was learned lives in `memory.safetensors` (load it with
-`sleep_trl.memory.load_memory(model, this_folder)`).
-
-## Sleep lineage
-{lineage}
-
-Memory: `{report['memory']}`
-
-## Accuracy matrix (closed-book QA, metric `{report['accuracy_matrix'].get('metric', 'contains')}`)
-{header}
-{rows}
-
-- average accuracy after the last session: {s.get('average_accuracy')}
-- backward transfer: {s.get('backward_transfer')}
-- forgetting: {s.get('forgetting')}
-
-## Citation
-```bibtex
-{SLEEP_PAPER['citation']}
-```
-"""
-
-
 def finalize(cycle, ledger, wall_seconds: float) -> dict:
+    """Save the model folder (every process takes part: under ZeRO-3 the weights are gathered), then, on the main
+    process only, the report, the plot, the model card, the ledger's end mark, and the upload if asked for."""
     out = cycle.output_dir
     model_dir = out / MODEL_DIR
-    if not (model_dir / "config.json").exists():
+    if main_decides(lambda: not (model_dir / "config.json").exists()):
         tmp = out / (MODEL_DIR + ".tmp")
-        cycle.memory.save_pretrained(tmp, tokenizer=cycle.tokenizer)  # host + memory.safetensors + memory_config.json
-        publish_dir(tmp, model_dir)
+        # host + memory.safetensors + memory_config.json + tokenizer
+        cycle.memory.save_pretrained(tmp, tokenizer=cycle.tokenizer, is_main_process=cycle.main)
+        if cycle.main:
+            publish_dir(tmp, model_dir)
     report = build_report(cycle, ledger, wall_seconds)
-    atomic_write_text(model_dir / "README.md", model_card(report))
-    save_accuracy_matrix_plot(cycle.matrix, out / PLOT_NAME, title=f"R[i][j] · {report['mode']}", overwrite=True)
+    if cycle.main:
+        _write_outputs(cycle, report)
+        ledger.finished = True
+        ledger.write()
+        show(report, cycle.matrix, cycle.console)
+        if cycle.config.push_to_hub:
+            report = push(cycle, report)
+    wait_for_everyone()
+    return report
+
+
+def _write_outputs(cycle, report: dict) -> None:
+    out, model_dir = cycle.output_dir, cycle.output_dir / MODEL_DIR
+    title = f"R[i][j] · {report['mode']}"
+    save_accuracy_matrix_plot(cycle.matrix, out / PLOT_NAME, title=title, overwrite=True)
+    save_accuracy_matrix_plot(cycle.matrix, model_dir / PLOT_NAME, title=title, overwrite=True)
     atomic_write_json(out / REPORT_NAME, report)
-    ledger.finished = True
-    ledger.write()
-    show(report, cycle.matrix, cycle.console)
+    atomic_write_json(model_dir / REPORT_NAME, report)
+    repo = repo_name(cycle.config) if cycle.config.push_to_hub else None
+    atomic_write_text(model_dir / "README.md", str(build_model_card(report, repo_id=repo)))
+
+
+def push(cycle, report: dict) -> dict:
+    """Upload the model folder of a finished run; the report records where it went."""
+    cfg = cycle.config
+    message = f"sleep-trl {__version__}: {report['method']}, {len(report['data']['sessions'])} sessions"
+    cycle.console.print(f"Uploading {cycle.output_dir / MODEL_DIR} to the Hub ({repo_name(cfg)}) ...")
+    hub = push_model_folder(cycle.output_dir / MODEL_DIR, cfg, commit_message=message)
+    report = {**report, "hub": hub}
+    atomic_write_json(cycle.output_dir / REPORT_NAME, report)
+    cycle.console.print(f"Pushed: {hub['commit_url']}")
     return report
 
 
@@ -169,4 +149,16 @@ def show(report: dict, matrix, console) -> None:
 def load_report(output_dir, console) -> dict:
     report = json.loads((Path(output_dir) / REPORT_NAME).read_text())
     show(report, AccuracyMatrix.from_dict(report["accuracy_matrix"]), console)
+    return report
+
+
+def finished_run(cycle) -> dict:
+    """A re-run of a finished run: its report, and the upload when `push_to_hub` asks for one not yet done."""
+    report = load_report(cycle.output_dir, cycle.console)
+    if cycle.main and cycle.config.push_to_hub and "hub" not in report:
+        # the card names the repository in its loading snippet
+        atomic_write_text(cycle.output_dir / MODEL_DIR / "README.md",
+                          str(build_model_card(report, repo_id=repo_name(cycle.config))))
+        report = push(cycle, report)
+    wait_for_everyone()
     return report

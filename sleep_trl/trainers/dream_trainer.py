@@ -45,10 +45,14 @@ from ..dreaming.selection import dream_importance, resolve_importance_parameters
 from ..dreaming.sft_data import encode_example
 from ..dreaming.tau import build_tau
 from ..dreaming.templates import build_dream_prompt, completion_text, split_dream
+from ..generation.distributed import gathered_whole, partitioned
 from ..generation.hf import encode_prompts, generate_ids, pad_token_id
+from ..generation.vllm_cpu import without_trl_engine
 from ..memory import find_memory
 from ..paper import SLEEP_PAPER
 from .dream_config import DreamConfig
+from .model_card import NamedBaseModelCardMixin
+from .vllm_engine import setup_colocate_engine
 
 # Keyword arguments GRPOTrainer passes to reward functions that are not dataset columns.
 _NON_TASK_KWARGS = {"trainer_state", "log_extra", "log_metric", "environments", "completion_ids", "prompts"}
@@ -97,7 +101,7 @@ def prepare_dream_dataset(dataset, args: DreamConfig, tau, conversational: bool)
     return dataset
 
 
-class DreamTrainer(GRPOTrainer):
+class DreamTrainer(NamedBaseModelCardMixin, GRPOTrainer):
     """Dreaming (Sleep, stage 2): learn to write the synthetic data that helps the model most.
 
     Args:
@@ -171,17 +175,22 @@ class DreamTrainer(GRPOTrainer):
         self._dream_records: deque = deque(maxlen=max(4 * args.num_dreams_to_print, 1))
         self._selection_step: tuple[int, str] | None = None
         self._selection_calls = 0
-        super().__init__(
-            model=model,
-            reward_funcs=[self.dream_reward],
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            peft_config=peft_config,
-        )
+        # On vLLM's CPU backend sleep-trl builds the colocate engine itself (TRL's cannot sync weights there), as
+        # GeneralizedDistillationTrainer does: `vllm_engine.setup_colocate_engine`.
+        with without_trl_engine(args) as deferred_engine:
+            super().__init__(
+                model=model,
+                reward_funcs=[self.dream_reward],
+                args=args,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                peft_config=peft_config,
+            )
+        if deferred_engine or (self.use_vllm and args.vllm_mode == "colocate"):
+            setup_colocate_engine(self, deferred_engine)
         if args.random_expert_sampling:
             self._check_memory(self.accelerator.unwrap_model(self.model))
         self._importance_params = None
@@ -194,17 +203,25 @@ class DreamTrainer(GRPOTrainer):
     # ---- checks ----------------------------------------------------------------------------------------------------
     @staticmethod
     def _check_backend(args: DreamConfig) -> None:
-        plugin = getattr(args, "deepspeed_plugin", None)
-        if plugin is not None and getattr(plugin, "zero_stage", None) == 3:
-            raise NotImplementedError(
-                "DreamTrainer does not support DeepSpeed ZeRO-3: the importance gradients and the isolated inner "
-                "LoRA need each process to hold the full weights. Use ZeRO-2, DDP or a single process."
-            )
         if getattr(args, "fsdp", None):
             raise NotImplementedError(
-                "DreamTrainer does not support FSDP: the importance gradients and the isolated inner LoRA need each "
-                "process to hold the full weights. Use DDP or a single process."
+                "DreamTrainer does not support FSDP: the importance gradients and the isolated inner LoRA need the "
+                "full weights of the layers they read. Use DeepSpeed ZeRO-3 (recipes/accelerate/zero3.yaml), DDP or a "
+                "single process."
             )
+
+    @contextmanager
+    def _full_policy(self):
+        """The policy as the dream reward reads it: the unwrapped model, with its full weights on every process.
+
+        Under DeepSpeed ZeRO-3 the parameters are gathered whole for the block and every ZeRO hook is lifted
+        (`generation.distributed.gathered_whole`, as TRL's `unwrap_model_for_generation` does for generation, also
+        for the hooks earlier engines left on a model trained phase after phase): importance gradients, tau's answers
+        and each dream's isolated inner LoRA then run on ordinary tensors, every process on its own dreams, with no
+        collective call that would need the processes in step. The price is the gathered copy of the weights during
+        the reward, as with `ds3_gather_for_generation`."""
+        with gathered_whole(self.accelerator.unwrap_model(self.model)) as policy:
+            yield policy
 
     @staticmethod
     def _check_memory(model) -> None:
@@ -259,8 +276,11 @@ class DreamTrainer(GRPOTrainer):
         for i, g in enumerate(groups):
             members[g].append(i)
         sequences = [split_dream(t, self.args.dream_split) for t in texts]
-        policy = self.accelerator.unwrap_model(self.model)
+        with self._full_policy() as policy:
+            return self._reward_dreams(policy, texts, tasks, groups, members, sequences, offset, m, mode)
 
+    def _reward_dreams(self, policy, texts, tasks, groups, members, sequences, offset, m, mode):
+        n = len(texts)
         t0 = time.perf_counter()
         scores, selected, selecting = self._select_dreams(policy, tasks, sequences, members, offset, m, mode)
         selection_seconds = time.perf_counter() - t0
@@ -375,6 +395,9 @@ class DreamTrainer(GRPOTrainer):
             output["sft_num_tokens"] = self.accelerator.gather((mask * keep[:, None]).sum()).sum()
             # The completions table logs GRPO's advantages; show ReST-EM's instead.
             shown = self.accelerator.gather(keep).tolist()
+            mode = "train" if self.model.training else "eval"
+            # Over the whole generation batch of every process (each process only holds its own share).
+            self._metrics[mode]["rest_em/kept_fraction"].append(sum(shown) / len(shown))
             logged = self._logs["advantages"]
             for j, value in enumerate(shown):
                 logged[len(logged) - len(shown) + j] = value
@@ -421,17 +444,20 @@ class DreamTrainer(GRPOTrainer):
         ).view_as(completion_ids)
         loss = (nll * weight).sum() / self._token_normalizer(inputs["sft_num_tokens"])
         mode = "train" if self.model.training else "eval"
-        local_tokens = weight.sum()
-        if local_tokens > 0:
-            self._metrics[mode]["rest_em/sft_nll"].append(((nll * weight).sum() / local_tokens).item())
-        self._metrics[mode]["rest_em/kept_fraction"].append(inputs["advantages"].float().mean().item())
+        # The logged NLL is the token mean over the kept dreams of every process (one all-gather per micro-batch,
+        # which every process runs, so it cannot leave one waiting).
+        nll_sum, tokens = self.accelerator.gather(torch.stack([(nll * weight).sum(), weight.sum()])[None]).detach().sum(0)
+        if tokens > 0:
+            self._metrics[mode]["rest_em/sft_nll"].append((nll_sum / tokens).item())
         return loss
 
     def _rehearsal_loss(self, model, inputs) -> torch.Tensor:
         """Rehearsal: the kept dreams' own text as plain language-modelling data (what the isolated copy learned),
         token-averaged over the generation batch like `_rest_em_loss`."""
         weight = inputs["rehearsal_weight"]
-        if weight.sum() == 0:
+        # Skipped only when no process kept a dream (the count is over every process): under ZeRO-3 each forward
+        # gathers the weights collectively, so a process whose own dreams were all dropped still runs it.
+        if inputs["rehearsal_num_tokens"] == 0:
             return torch.zeros((), device=weight.device)
         ids, attention = inputs["rehearsal_input_ids"], inputs["rehearsal_attention_mask"]
         with self.accelerator.autocast():
@@ -441,7 +467,8 @@ class DreamTrainer(GRPOTrainer):
         ).view(ids.size(0), -1)
         token_weight = attention[:, 1:] * weight[:, None]
         mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["rehearsal/nll"].append(((nll * token_weight).sum() / token_weight.sum()).item())
+        if token_weight.sum() > 0:
+            self._metrics[mode]["rehearsal/nll"].append(((nll * token_weight).sum() / token_weight.sum()).item())
         return (nll * token_weight).sum() / self._token_normalizer(inputs["rehearsal_num_tokens"])
 
     def _compute_loss(self, model, inputs):
@@ -467,10 +494,10 @@ class DreamTrainer(GRPOTrainer):
     def evaluate_tau(self, dataset: Dataset | None = None) -> float:
         """Mean tau of the model as it is (no context, no adaptation) over the tasks of `dataset` (default: train)."""
         dataset = self.train_dataset if dataset is None else dataset
-        policy = self.accelerator.unwrap_model(self.model)
         rows = track(dataset, description="tau of the model, task by task", transient=True,
                      disable=not self.accelerator.is_main_process)
-        scores = [float(self.tau(policy, self._tokenizer, row)) for row in rows]
+        with self._full_policy() as policy:
+            scores = [float(self.tau(policy, self._tokenizer, row)) for row in rows]
         return sum(scores) / len(scores)
 
     def write_dreams(
@@ -487,7 +514,6 @@ class DreamTrainer(GRPOTrainer):
         `num_dreams` strings per task.
         """
         dataset = self.train_dataset if dataset is None else dataset
-        policy = self.accelerator.unwrap_model(self.model)
         tok = self._tokenizer
         temperature = self.temperature if temperature is None else temperature
         sampled = temperature > 0
@@ -509,10 +535,11 @@ class DreamTrainer(GRPOTrainer):
         ]
         # A chat template writes its own special tokens; plain prompts get the tokenizer's.
         ids = [encode_prompts(tok, [t], add_special_tokens=not c)[0] for t, c in zip(texts, chat, strict=True)]
-        completions = generate_ids(
-            policy, ids, pad_id=pad_token_id(tok), batch_size=batch_size, eos_token_ids=self.eos_token_ids,
-            generation_config=config,
-        )
+        with self._full_policy() as policy:
+            completions = generate_ids(
+                policy, ids, pad_id=pad_token_id(tok), batch_size=batch_size, eos_token_ids=self.eos_token_ids,
+                generation_config=config, synced_gpus=partitioned(policy),
+            )
         out = []
         for per_task in completions:
             per_task = per_task if sampled and num_dreams > 1 else [per_task] * (1 if sampled else num_dreams)
@@ -527,9 +554,12 @@ class DreamTrainer(GRPOTrainer):
         mean tau of the dream-adapted copies (`tau_after_dream`) and the fraction of dreams that improved tau
         (`improved_fraction`). The model is left untouched."""
         dataset = self.train_dataset if dataset is None else dataset
-        args = self.args
-        policy = self.accelerator.unwrap_model(self.model)
         dreams = self.write_dreams(dataset, num_dreams, temperature)
+        with self._full_policy() as policy:
+            return self._evaluate_dreams_of(policy, dataset, dreams)
+
+    def _evaluate_dreams_of(self, policy, dataset, dreams) -> dict[str, float]:
+        args = self.args
         tasks, seqs, before = [], [], []
         taus = []
         rows = track(list(zip(dataset, dreams, strict=True)), description="tau before each dream", transient=True,

@@ -42,8 +42,6 @@ from trl.trainer.utils import pad
 from ..assets import resolve_model_path
 from ..generation.hf import sample_continuations
 from ..generation.vllm_cpu import (
-    attach_vllm_generation,
-    enable_cpu_weight_sync,
     model_weights,
     without_trl_engine,
 )
@@ -59,17 +57,19 @@ from .generalized_distillation_objective import (
     imitation_rewards,
     logit_scale_of,
 )
+from .model_card import NamedBaseModelCardMixin
 from .prefix_sharing import gather_positions, pack_rows
 from .teacher_cache import CachedSample, TeacherCache, build_teacher_cache, row_key
 from .teachers import (
     Teacher,
-    backbone_of,
     TeacherSet,
+    backbone_of,
     load_teachers,
     match_parameters,
     teacher_sources,
     view_teacher,
 )
+from .vllm_engine import setup_colocate_engine
 
 # Vocabulary tile of the chunked log-prob kernel (TRL's own default for the same kernel).
 _LOGPROB_CHUNK = 32768
@@ -99,7 +99,7 @@ class _GenerationBatch:
     teacher_hidden: list[torch.Tensor] | None = field(default=None)  # captured while the teacher sampled
 
 
-class GeneralizedDistillationTrainer(DistillationTrainer):
+class GeneralizedDistillationTrainer(NamedBaseModelCardMixin, DistillationTrainer):
     """
     Knowledge Seeding (the consolidation stage of Sleep): an upward, generalized on-policy distillation from one or
     several teachers (possibly smaller, or the student itself in a teacher view) into a student, plus the
@@ -324,37 +324,13 @@ class GeneralizedDistillationTrainer(DistillationTrainer):
             vllm_kwargs["allowed_token_ids"] = list(range(self.vocab_size))
 
     def _setup_vllm(self, deferred: bool) -> None:
-        """The colocate engine: built here on vLLM's CPU backend (TRL's cannot sync weights there), TRL's elsewhere.
-
-        A student carrying a continuum memory is served as its dense fold (`mem.export_dense`: every fixed-gate
-        expert becomes extra FFN neurons), and each sync pushes `mem.dense_state_dict()`, so the engine computes
-        exactly what the student computes (the fast level suspended, the new expert on)."""
+        """The colocate engine (`vllm_engine.setup_colocate_engine`): built here on vLLM's CPU backend (TRL's cannot
+        sync weights there), TRL's elsewhere; a continuum memory is served as its dense fold."""
         args = self.args
         group = args.num_imitation_generations if args.alpha < 1.0 else 1
-        kwargs: dict[str, Any] = {
-            "max_num_seqs": args.per_device_train_batch_size * args.gradient_accumulation_steps * group
-        }
-        memory = find_memory(self.model)
-        if memory is not None:
-            routed = [lv.name for lv in memory.config.levels if lv.resolved_gate != "fixed"]
-            if routed:
-                raise ValueError(
-                    f"`use_vllm` needs every continuum-memory level to fold into dense weights, but {routed} use a "
-                    "per-token router. Use `gate='fixed'` for those levels, or `use_vllm: false`."
-                )
-            if not deferred:
-                raise ValueError(
-                    "`use_vllm` with a continuum memory is supported with the CPU colocate engine only for now; on "
-                    "GPU export the model with `mem.export_dense(dir)` first, or set `use_vllm: false`."
-                )
-            folder = Path(args.output_dir) / "vllm-engine"
-            if self.accelerator.is_main_process:
-                memory.export_dense(folder, tokenizer=self._tokenizer, overwrite=True)
-            self.accelerator.wait_for_everyone()
-            kwargs["model_path"] = folder
-        generation = attach_vllm_generation(self, **kwargs) if deferred else enable_cpu_weight_sync(self.vllm_generation)
-        if memory is not None:
-            generation.weights_fn = lambda: memory.dense_state_dict().items()
+        setup_colocate_engine(
+            self, deferred, max_num_seqs=args.per_device_train_batch_size * args.gradient_accumulation_steps * group
+        )
 
     def engine_weights(self):
         """Checkpoint-format weights the vLLM engine serves for the model as it computes right now (so, read inside
