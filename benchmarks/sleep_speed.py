@@ -14,10 +14,10 @@ the one-time teacher-cache fill, seconds per step, the projected time of a 40-st
 consolidation speed-up (target >= 2x) and the Learning-to-Imitate cost over `alpha: 1` (target <= 2x).
 
     sleep-trl recipes/sleep.yaml --num_sessions 1 --output_dir outputs/bench-awake    # once: an awake model
-    python benchmarks/sleep_speed.py --run outputs/bench-awake --steps 6 --repeats 2
+    python benchmarks/sleep_speed.py --run outputs/bench-awake --steps 6 --repeats 2 -- --num_sessions 1
 
-Flags after `--` go to the recipe (`recipes/sleep.yaml` unless `--recipe`), as for the run that made the awake
-model; they set the consolidation's fields (e.g. `-- --consolidation_args.lmbda 0.5`).
+Flags after `--` go to the recipe (`recipes/sleep.yaml` unless `--recipe`): give the ones of the run that made the
+awake model (the stream depends on them); they set the consolidation's fields (e.g. `-- --consolidation_args.lmbda 0.5`).
 """
 
 from __future__ import annotations

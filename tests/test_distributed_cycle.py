@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_sleep_cycle import wait_for_phase
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes/sleep_tiny.yaml"
@@ -113,15 +114,8 @@ def test_two_process_zero3_cycle_resumes_after_a_kill_to_the_same_end(runs, tmp_
     cmd = _two_processes(out)
     proc = subprocess.Popen(cmd, env=_env(tmp), cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ledger = out / "cycle_state.json"
-    deadline = time.monotonic() + 600
     try:
-        while time.monotonic() < deadline:
-            if ledger.exists():
-                phases = json.loads(ledger.read_text())["phases"]
-                if any(p["phase"] == "consolidate" for p in phases):
-                    break
-            assert proc.poll() is None, "the run ended before it could be interrupted"
-            time.sleep(0.05)
+        wait_for_phase(proc, ledger, "consolidate")
         _kill_everything_of(out)
     finally:
         proc.wait(timeout=60)

@@ -7,6 +7,7 @@ finished without `push_to_hub`, and the TRL trainers' cards naming a packaged ba
 """
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,11 @@ from sleep_trl.sleep.model_card import build_model_card
 
 EXPECTED_FILES = {"config.json", "model.safetensors", "memory.safetensors", "memory_config.json", "tokenizer.json",
                   "tokenizer_config.json", "README.md", "sleep_report.json", "accuracy_matrix.png"}
+
+
+def loaded_repos(card_text: str) -> list[str]:
+    """The repositories the card's loading snippet reads (model, tokenizer, memory)."""
+    return re.findall(r'(?:from_pretrained|load_memory)\((?:model, )?"([^"]+)"\)', card_text)
 
 
 class RecordingHub:
@@ -73,7 +79,7 @@ def test_push_to_hub_uploads_the_model_folder_with_a_valid_card(tmp_path, hub):
     assert summary["backward_transfer"] == pytest.approx(report["summary"]["backward_transfer"])
     assert summary["average_accuracy"] == pytest.approx(report["summary"]["average_accuracy"])
     text = card.text
-    assert 'from_pretrained("me/tiny-sleep")' in text
+    assert loaded_repos(text) == ["me/tiny-sleep"] * 3  # model, tokenizer and memory load from the repository
     assert "author       = {Behrouz, Ali and Hashemi, Farnoosh and Mirrokni, Vahab}" in text
     assert "|---|---|---|" in text  # the matrix table's separator row, whole
     assert "session 1: slow expert 1" in text  # the lineage: one slow expert per sleep
@@ -90,7 +96,7 @@ def test_a_finished_run_is_uploaded_later_without_training_again(tmp_path, hub):
     assert again["hub"]["repo_id"] == "me/later"
     assert again["accuracy_matrix"] == first["accuracy_matrix"]
     assert json.loads((out / "cycle_state.json").read_text())["phases"] == json.loads(ledger)["phases"]
-    assert 'from_pretrained("me/later")' in (out / "model" / "README.md").read_text()
+    assert loaded_repos((out / "model" / "README.md").read_text()) == ["me/later"] * 3
     run_cycle(tiny_config(out, "--push_to_hub", "true", "--hub_model_id", "me/later"))
     assert len(hub) == 2  # already uploaded: not again
 

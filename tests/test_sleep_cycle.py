@@ -40,6 +40,17 @@ def memory_state(directory):
     return json.loads((Path(directory) / "memory_config.json").read_text())["state"]
 
 
+def wait_for_phase(proc, ledger, phase, timeout=600):
+    """Poll the run's ledger until `phase` is recorded (the run must still be going), so it can be killed there."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ledger.exists() and any(p["phase"] == phase for p in json.loads(ledger.read_text())["phases"]):
+            return
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.05)
+    raise AssertionError(f"no {phase} phase recorded in {ledger} within {timeout} s")
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("cycle") / "run"
@@ -125,15 +136,8 @@ def test_resume_after_kill_gives_the_same_result(tmp_path, finished_run):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ledger = out / "cycle_state.json"
-    deadline = time.monotonic() + 600
     try:
-        while time.monotonic() < deadline:
-            if ledger.exists():
-                phases = json.loads(ledger.read_text())["phases"]
-                if any(p["phase"] == "consolidate" for p in phases):
-                    break
-            assert proc.poll() is None, "the run ended before it could be interrupted"
-            time.sleep(0.05)
+        wait_for_phase(proc, ledger, "consolidate")
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(timeout=60)

@@ -1,10 +1,11 @@
-"""Generation across the processes of an `accelerate launch` run, with or without DeepSpeed ZeRO-3.
+"""Work across the processes of an `accelerate launch` run, with or without DeepSpeed ZeRO-3.
 
-Between two trainers the model's parameters may still be ZeRO-3 partitioned: every forward then gathers them
-collectively, so every process must run the same number of forward passes, in step. `shard` gives each process an
-equal share of the work (the last ones padded with a repeat, dropped afterwards) and `gather_in_order` puts the
-results back in the input order; `partitioned(model)` says whether `generate` must run with `synced_gpus=True`
-(ranks that finish early keep stepping until all have finished).
+`shard` gives each process an equal share of the work (the last ones padded with a repeat, dropped afterwards) and
+`gather_in_order` puts the results back in the input order. Between two phases the model's parameters stay ZeRO-3
+partitioned (`partitioned`); code that runs the model there does so inside `gathered_whole` (every parameter whole on
+every process, ZeRO hooks lifted), so each process works on its own share with no collective call inside.
+`release_engine` ends a phase's DeepSpeed engine; `main_decides`, `mean_over_processes` and `wait_for_everyone`
+keep the processes' decisions and figures the same.
 """
 
 from __future__ import annotations

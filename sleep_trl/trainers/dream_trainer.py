@@ -45,7 +45,7 @@ from ..dreaming.selection import dream_importance, resolve_importance_parameters
 from ..dreaming.sft_data import encode_example
 from ..dreaming.tau import build_tau
 from ..dreaming.templates import build_dream_prompt, completion_text, split_dream
-from ..generation.distributed import gathered_whole, partitioned
+from ..generation.distributed import gathered_whole
 from ..generation.hf import encode_prompts, generate_ids, pad_token_id
 from ..generation.vllm_cpu import without_trl_engine
 from ..memory import find_memory
@@ -538,7 +538,7 @@ class DreamTrainer(NamedBaseModelCardMixin, GRPOTrainer):
         with self._full_policy() as policy:
             completions = generate_ids(
                 policy, ids, pad_id=pad_token_id(tok), batch_size=batch_size, eos_token_ids=self.eos_token_ids,
-                generation_config=config, synced_gpus=partitioned(policy),
+                generation_config=config,  # whole weights inside `_full_policy`: no process waits
             )
         out = []
         for per_task in completions:
