@@ -60,32 +60,35 @@ def run_arm(recipe: Path, out: Path, label: str, flags: str, seed: int, extra: l
         if proc.returncode != 0:
             raise SystemExit(f"{label} (seed {seed}) failed: see {out / (slug(label) + f'-seed{seed}.log')}")
     data = json.loads(report.read_text())
+    base = next((p["metrics"]["accuracy"] for p in data["phases"] if p["phase"] == "base"), None)
     log.append({"arm": label, "seed": seed, "summary": data["summary"], "R": data["accuracy_matrix"]["R"],
+                "before": sum(base) / len(base) if base else None,
                 "seconds": data["seconds_total_phases"], "seconds_by_phase": data["seconds_by_phase"]})
     return data
 
 
-def mean_sd(values: list[float]) -> str:
+def mean_sd(values: list[float], digits: int = 3) -> str:
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not values:
         return "-"
     m = sum(values) / len(values)
     if len(values) == 1:
-        return f"{m:.3f}"
+        return f"{m:.{digits}f}"
     sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
-    return f"{m:.3f} ± {sd:.3f}"
+    return f"{m:.{digits}f} ± {sd:.{digits}f}"
 
 
 def table(results: list[dict], arms: list[str]) -> str:
     seeds = sorted({r["seed"] for r in results})
-    head = "| arm | " + " | ".join(name for name, _ in METRICS) + " | wall time of phases (s) |"
-    lines = [f"seeds: {', '.join(map(str, seeds))} (mean ± sample std over seeds)", "", head,
-             "|" + "---|" * (len(METRICS) + 2)]
+    head = "| arm | " + " | ".join(name for name, _ in METRICS) + " | before training | wall time of phases (s) |"
+    lines = [f"seeds: {', '.join(map(str, seeds))} (mean ± sample std over seeds); before training: the base "
+             "model's mean accuracy over all sessions", "", head, "|" + "---|" * (len(METRICS) + 3)]
     for arm in arms:
         rows = [r for r in results if r["arm"] == arm]
         cells = [mean_sd([r["summary"].get(key) for r in rows]) for _, key in METRICS]
-        wall = mean_sd([r["seconds"] for r in rows]).replace(".000", "")
-        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {wall} |")
+        wall = mean_sd([r["seconds"] for r in rows], digits=0)
+        before = mean_sd([r.get("before") for r in rows])
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {before} | {wall} |")
     return "\n".join(lines)
 
 
@@ -108,6 +111,8 @@ def figure(results: list[dict], arms: list[str], path: Path) -> None:
         s = first[arm]["summary"]
         ax.set_title(f"{arm}\navg {s['average_accuracy']:.2f}, BWT {s.get('backward_transfer') or 0:+.2f}",
                      fontsize=9)
+        ax.set_xticks(range(len(R[0])))
+        ax.set_yticks(range(len(R)))
         ax.set_xlabel("session j")
         ax.set_ylabel("after session i")
     fig.tight_layout()

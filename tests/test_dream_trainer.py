@@ -344,3 +344,14 @@ def test_evaluate_dreaming_averages_the_inner_loop_outcomes(tmp_path, tiny_token
     assert result["tau_after_dream"] == pytest.approx((0.75 + 0.25) / n)
     assert result["improved_fraction"] == pytest.approx(1.0 / n)
     assert seen["config"].reward_type == "binary" and trainer.args.reward_type == "improvement"
+
+
+def test_fewer_contexts_than_one_batch_still_dream_every_step(tmp_path, tiny_tokenizer):
+    """One context for a batch of 2 contexts x M dreams: repeated to fill the batch, so the trainer runs its steps
+    (TRL's sampler alone serves no partial batch: zero steps)."""
+    with pytest.warns(UserWarning, match="fewer than one generation batch"):
+        trainer = make_trainer(tmp_path, tiny_tokenizer, Dataset.from_list(demo_tasks(1)),
+                               per_device_train_batch_size=2 * M)
+    assert len(trainer.train_dataset) == 2
+    trainer.train()
+    assert trainer.state.global_step == 1

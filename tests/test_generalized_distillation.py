@@ -679,3 +679,19 @@ def test_continuations_from_one_cached_prefix_equal_repeated_prompts(tiny_tokeni
     repeated = generate_ids(model, [p for p in prefixes for _ in range(3)], pad_id=tiny_tokenizer.pad_token_id,
                             batch_size=12, max_new_tokens=6, do_sample=False, eos_token_ids=eos)
     assert shared == repeated and len({tuple(c) for c in shared}) > 1
+
+
+def test_fewer_prompts_than_one_batch_still_train_every_step(tmp_path, student_dir, teacher_dir, tiny_tokenizer):
+    """TRL's sampler serves whole batches only: 3 prompts for a batch of 4 gave zero steps. Repeated to fill a batch,
+    the trainer runs its `max_steps` and the student's weights move."""
+    student = AutoModelForCausalLM.from_pretrained(student_dir)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    with pytest.warns(UserWarning, match="3 rows, fewer than one generation batch \\(4\\)"):
+        trainer = GeneralizedDistillationTrainer(
+            model=student, teacher_model=str(teacher_dir), args=cpu_args(tmp_path, alpha=1.0, lmbda=0.0),
+            train_dataset=prompts(3), processing_class=tiny_tokenizer,
+        )
+    assert len(trainer.train_dataset) == 6
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert any(not torch.equal(before[n], p) for n, p in student.named_parameters())

@@ -296,14 +296,17 @@ def test_sleep_on_a_squad_file_with_several_reference_answers(tmp_path):
 
     path = squad_file(tmp_path)
     out = tmp_path / "squad"
-    report = run_cycle(tiny_config(out, "--dataset_name", str(path), "--passages_per_session", "2"))
+    report = run_cycle(tiny_config(out, "--dataset_name", str(path), "--passages_per_session", "2",
+                                   "--document_prompts", "1"))
     assert report["data"]["kind"] == "squad" and report["data"]["source"] == str(path)
     assert [s["name"] for s in report["data"]["sessions"]] == ["Article0", "Article1"]
     records = report["accuracy_matrix"]["records"]["0,0"]
     assert records[0]["answers"] == ["answer 000", "alt 000"]
     consolidation = [p for p in report["phases"] if p["phase"] == "consolidate"]
-    # documents only: each passage is continued from its sentence starts (these two-sentence passages have one)
+    # documents only: each of the 2 passages is continued from its first sentence (`document_prompts` 1)
     assert consolidation[0]["metrics"]["prompts"] == 2
+    # 2 prompts, fewer than one batch of 4, still sleep for every step (TRL's sampler serves no partial batch)
+    assert [p["metrics"]["steps"] for p in consolidation] == [2, 2]
     assert "squad.json" in (out / "model/README.md").read_text()
 
 

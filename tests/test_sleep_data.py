@@ -60,6 +60,20 @@ def test_document_prefixes_cut_at_sentence_starts():
     assert document_prefixes("One sentence only.", 4) == [] and document_prefixes(doc, 0) == []
 
 
+def test_document_prefixes_of_a_passage_with_few_sentences_cut_at_words_spread_to_the_end():
+    """Real passages have few long sentences: the cuts then fall on word starts, evenly from the first six words
+    to the last word, so the teacher's continuations reach every part of the passage."""
+    doc = "w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11 w12 w13 w14 w15 w16. Then w18 w19 w20 w21 w22."
+    got = document_prefixes(doc, 4)
+    # 16 candidate cuts (before word 7 ... before word 22), 4 of them evenly: before words 7, 12, 17 and 22
+    assert got == ["w1 w2 w3 w4 w5 w6", "w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11",
+                   "w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11 w12 w13 w14 w15 w16.",
+                   "w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11 w12 w13 w14 w15 w16. Then w18 w19 w20 w21"]
+    assert all(doc.startswith(p) for p in got)
+    # a short first sentence is the anchor when it is shorter than six words
+    assert document_prefixes("Short one. " + " ".join(f"x{i}" for i in range(10)), 2)[0] == "Short one."
+
+
 def squad_file(tmp_path, articles=3, paragraphs=3):
     data = {"version": "1.1", "data": [
         {"title": f"Article{a}", "paragraphs": [
@@ -92,6 +106,11 @@ def test_squad_json_is_recognised_and_split_into_sessions(tmp_path, tiny_tokeniz
     own = [r for r in data if not r["replay"]]
     assert [r["prompt"] for r in own] == [d.split(". ")[0] + "." for d in s.sessions[1].documents]
     assert sum(data["replay"]) == 2  # earlier sessions are replayed from their document prefixes too
+    # the replay pool of a documents-only session holds `replay_document_prompts` prefixes of each of its documents
+    pool = consolidation_prompts(s, 1, 100, seed=0, with_context=False, tokenizer=tiny_tokenizer,
+                                 document_prompts=1, replay_document_prompts=3)
+    replayed = [r["prompt"] for r in pool if r["replay"]]
+    assert len(replayed) == 2 * 3 and all(any(d.startswith(p) for d in s.sessions[0].documents) for p in replayed)
     with pytest.raises(StreamError, match="fewer than `num_sessions`"):
         load_stream(str(path), num_sessions=5)
 

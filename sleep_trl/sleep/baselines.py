@@ -22,7 +22,7 @@ from .data import qa_text, question_prompt, replay_items
 def rehearsal_texts(cycle, k: int, seed: int) -> list[str]:
     """Training texts rehearsing earlier sessions, answered by the model as it is before session `k`."""
     cfg, tok = cycle.config, cycle.tokenizer
-    items = replay_items(cycle.stream, k, cfg.replay_prompts, seed)
+    items = replay_items(cycle.stream, k, cfg.replay_prompts, seed, cycle.replay_document_prompts)
     if cfg.replay_source == "model":
         prompts = [question_prompt(tok, it["text"], cycle.system_prompt) if it["kind"] == "question" else it["text"]
                    for it in items]

@@ -145,6 +145,11 @@ def consolidate(
         model=model, args=config, train_dataset=prompts, processing_class=tokenizer, callbacks=callbacks
     )
     result = quiet_trainer(trainer).train()
+    if config.max_steps > 0 and trainer.state.global_step < config.max_steps:
+        raise RuntimeError(
+            f"The sleep ran {trainer.state.global_step} of its {config.max_steps} consolidation steps: the prompt "
+            "set gave the trainer too few batches. Please report this with your recipe."
+        )
     release_engine(trainer)
     if fast_level is not None:
         memory.reset(fast_level, optimizer=optimizer)  # synaptic pruning (and the Adam moments of the fast slot)

@@ -240,6 +240,12 @@ class SleepCycle:
             return cfg.document_prompts
         return 0 if session.train_qa or session.probes else 4
 
+    @property
+    def replay_document_prompts(self) -> int:
+        """Prefixes per document in the pool replayed from an earlier documents-only session: what its own sleep
+        was given (`document_prompts`, 4 when unset)."""
+        return self.config.document_prompts or 4
+
     def _phase_dir(self, name: str) -> str:
         return str(self.output_dir / "trainer" / name)
 
@@ -306,6 +312,7 @@ class SleepCycle:
         data = consolidation_prompts(
             self.stream, k, cfg.replay_prompts, seed, with_context=in_context, tokenizer=self.tokenizer,
             system_prompt=self.system_prompt, document_prompts=self._document_prompts(k),
+            replay_document_prompts=self.replay_document_prompts,
         )
         fields = {
             **cfg.phase_fields("consolidation_args"), "use_cpu": not torch.cuda.is_available(),
@@ -339,7 +346,7 @@ class SleepCycle:
         tau_after = trainer.evaluate_tau()
         release_engine(trainer)
         rates = [h["dream/reward_rate"] for h in trainer.state.log_history if "dream/reward_rate" in h]
-        metrics = {"steps": args.max_steps, "tau_before": round(tau_before, 4), "tau_after": round(tau_after, 4)}
+        metrics = {"steps": trainer.state.global_step, "tau_before": round(tau_before, 4), "tau_after": round(tau_after, 4)}
         if rates:
             metrics["reward_rate"] = round(sum(rates) / len(rates), 4)
         return metrics, True

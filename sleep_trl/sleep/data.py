@@ -45,16 +45,28 @@ def wake_texts(session: SessionData, tokenizer, system_prompt: str | None = None
 
 
 _SENTENCE_START = re.compile(r"(?<=[.!?])\s+(?=\S)")
+_WORD = re.compile(r"\S+")
+# A prefix holds at least this many words (or the whole first sentence): enough to say which document it is.
+MIN_PREFIX_WORDS = 6
 
 
 def document_prefixes(document: str, num: int) -> list[str]:
-    """Up to `num` prefixes of a document cut at sentence starts, spread evenly (the first one holds the first
-    sentence): during sleep the teacher continues each, so what the document said is consolidated even where no
-    question asks about it."""
-    starts = [m.end() for m in _SENTENCE_START.finditer(document)]
-    if num <= 0 or not starts:
+    """Up to `num` prefixes of a document: during sleep the teacher continues each, so what the document said is
+    consolidated even where no question asks about it. With at least `num` sentence starts the cuts are sentence
+    starts spread evenly (the first one holds the first sentence); with fewer (real passages often have 3-6 long
+    sentences, so sentence cuts left most of a passage unread by any continuation) the cuts are word starts spread
+    evenly from the first sentence (or the first `MIN_PREFIX_WORDS` words, if shorter) to the end."""
+    if num <= 0:
         return []
-    picks = sorted({starts[round(i * (len(starts) - 1) / max(num - 1, 1))] for i in range(min(num, len(starts)))})
+    starts = [m.end() for m in _SENTENCE_START.finditer(document)]
+    if len(starts) >= num:
+        picks = sorted({starts[round(i * (len(starts) - 1) / max(num - 1, 1))] for i in range(num)})
+    else:
+        words = [m.start() for m in _WORD.finditer(document)]
+        anchor = min(starts[0] if starts else len(document),
+                     words[MIN_PREFIX_WORDS] if len(words) > MIN_PREFIX_WORDS else len(document))
+        cuts = [w for w in words if w >= anchor]
+        picks = sorted({cuts[round(i * (len(cuts) - 1) / max(num - 1, 1))] for i in range(min(num, len(cuts)))})
     return [document[:cut].rstrip() for cut in picks]
 
 
@@ -69,15 +81,15 @@ def session_prompts(session: SessionData, documents_per_prompt: int) -> list[dic
     return items
 
 
-def replay_items(stream: SessionStream, k: int, per_session: int, seed: int) -> list[dict]:
+def replay_items(stream: SessionStream, k: int, per_session: int, seed: int, document_prompts: int = 4) -> list[dict]:
     """The items of earlier sessions a sleep (or the replay arm) rehearses before session `k`: `per_session` of each
-    earlier session's training questions (with their stored answers), or of its document prefixes when it has none
-    (with the rest of the document as the stored answer)."""
+    earlier session's training questions (with their stored answers), or of its document prefixes
+    (`document_prompts` per document) when it has none (with the rest of the document as the stored answer)."""
     rng = random.Random(seed)
     items = []
     for j in range(k):
         earlier = stream.sessions[j]
-        pool = session_prompts(earlier, 0 if earlier.train_qa else 4)
+        pool = session_prompts(earlier, 0 if earlier.train_qa else document_prompts)
         if earlier.train_qa:
             pool = [dict(item, answer=qa["answer"]) for item, qa in zip(pool, earlier.train_qa, strict=False)]
         else:
@@ -95,10 +107,12 @@ def consolidation_prompts(
     tokenizer,
     system_prompt: str | None = None,
     document_prompts: int = 0,
+    replay_document_prompts: int = 4,
 ) -> Dataset:
     """Prompts (rendered strings) for consolidating session `k`: its own (`session_prompts`), plus
     `replay_per_session` of every earlier session (its training questions, or, for a documents-only session, its
-    document prompts); the teacher writes every answer, replayed ones included.
+    document prompts, `replay_document_prompts` per document); the teacher writes every answer, replayed ones
+    included.
 
     With `with_context`, the session's own rows get a `teacher_prompt` holding their document before the question
     (the knowledge is in the teacher's context, not in its weights); replayed rows keep the bare prompt. Replayed
@@ -116,7 +130,7 @@ def consolidation_prompts(
     for item in session_prompts(stream.sessions[k], document_prompts):
         teacher = render(item, item["context"]) if with_context and item["context"] else render(item)
         rows.append({"prompt": render(item), "teacher_prompt": teacher, "replay": False})
-    for item in replay_items(stream, k, replay_per_session, seed):
+    for item in replay_items(stream, k, replay_per_session, seed, replay_document_prompts):
         rows.append({"prompt": render(item), "teacher_prompt": render(item), "replay": True})
     data = Dataset.from_list(rows)
     return data if with_context else data.remove_columns("teacher_prompt")

@@ -48,6 +48,7 @@ from ..generation.vllm_cpu import (
 from ..memory import find_memory
 from ..paper import SLEEP_PAPER
 from ..rewards.semantic import SemanticJudge
+from .batching import fill_one_batch, generation_batch_rows
 from .generalized_distillation_config import GeneralizedDistillationConfig
 from .generalized_distillation_objective import (
     clipped_policy_loss,
@@ -167,6 +168,7 @@ class GeneralizedDistillationTrainer(NamedBaseModelCardMixin, DistillationTraine
         if isinstance(model, str):
             model = resolve_model_path(model)
         self._check_dataset(train_dataset, args, "train_dataset")
+        train_dataset = fill_one_batch(train_dataset, generation_batch_rows(args))
         if tools and (args.lmbda < 1.0 or args.alpha < 1.0):
             raise ValueError(
                 "`tools` are only supported for pure on-policy distillation (`lmbda: 1.0`, `alpha: 1.0`): teacher "
