@@ -34,9 +34,8 @@ def fill_one_batch(dataset, rows_per_batch: int, name: str = "train_dataset"):
     return concatenate_datasets([dataset] * copies)
 
 
-def generation_batch_rows(args, rows_per_prompt: int = 1) -> int:
-    """Distinct prompts in one generation batch over all processes: `per_device_train_batch_size x
-    gradient_accumulation_steps x processes / rows_per_prompt` (GRPO-style trainers sample `rows_per_prompt`
-    completions per prompt)."""
-    total = args.per_device_train_batch_size * args.gradient_accumulation_steps * PartialState().num_processes
-    return max(1, total // rows_per_prompt)
+def generation_batch_rows(args) -> int:
+    """Prompts in one generation batch of a distillation trainer, over all processes: `per_device_train_batch_size x
+    gradient_accumulation_steps x processes` (TRL's `DistillationTrainer` sampler; GRPO-style trainers have
+    `args.generation_batch_size / num_generations` instead)."""
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * PartialState().num_processes

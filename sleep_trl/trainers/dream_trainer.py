@@ -39,7 +39,7 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBas
 from trl import GRPOTrainer
 from trl.trainer.utils import get_config_model_id
 
-from .batching import fill_one_batch, generation_batch_rows
+from .batching import fill_one_batch
 from ..dreaming.experts import random_expert_sampling
 from ..dreaming.inner_loop import evaluate_dreams
 from ..dreaming.selection import dream_importance, resolve_importance_parameters, select_dreams
@@ -168,7 +168,7 @@ class DreamTrainer(NamedBaseModelCardMixin, GRPOTrainer):
         tokenizer = processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
         conversational = getattr(tokenizer, "chat_template", None) is not None
         train_dataset = prepare_dream_dataset(train_dataset, args, self.tau, conversational)
-        train_dataset = fill_one_batch(train_dataset, generation_batch_rows(args, args.num_generations))
+        train_dataset = fill_one_batch(train_dataset, args.generation_batch_size // args.num_generations)
         eval_dataset = prepare_dream_dataset(eval_dataset, args, self.tau, conversational)
         if args.random_expert_sampling and not isinstance(model, str):
             self._check_memory(model)
