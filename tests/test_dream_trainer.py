@@ -353,5 +353,11 @@ def test_fewer_contexts_than_one_batch_still_dream_every_step(tmp_path, tiny_tok
         trainer = make_trainer(tmp_path, tiny_tokenizer, Dataset.from_list(demo_tasks(1)),
                                per_device_train_batch_size=2 * M)
     assert len(trainer.train_dataset) == 2
+    calls = []
+    real_tau = trainer.tau
+    trainer.tau = lambda *a: calls.append(1) or real_tau(*a)
+    trainer.evaluate_tau()
+    assert len(calls) == 1  # tau is measured on each task once, not on the repeats
+    trainer.tau = real_tau
     trainer.train()
     assert trainer.state.global_step == 1

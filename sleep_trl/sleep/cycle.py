@@ -346,7 +346,9 @@ class SleepCycle:
         tau_after = trainer.evaluate_tau()
         release_engine(trainer)
         rates = [h["dream/reward_rate"] for h in trainer.state.log_history if "dream/reward_rate" in h]
-        metrics = {"steps": trainer.state.global_step, "tau_before": round(tau_before, 4), "tau_after": round(tau_after, 4)}
+        metrics = {
+            "steps": trainer.state.global_step, "tau_before": round(tau_before, 4), "tau_after": round(tau_after, 4)
+        }
         if rates:
             metrics["reward_rate"] = round(sum(rates) / len(rates), 4)
         return metrics, True

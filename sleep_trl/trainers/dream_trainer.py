@@ -39,7 +39,6 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBas
 from trl import GRPOTrainer
 from trl.trainer.utils import get_config_model_id
 
-from .batching import fill_one_batch
 from ..dreaming.experts import random_expert_sampling
 from ..dreaming.inner_loop import evaluate_dreams
 from ..dreaming.selection import dream_importance, resolve_importance_parameters, select_dreams
@@ -51,6 +50,7 @@ from ..generation.hf import encode_prompts, generate_ids, pad_token_id
 from ..generation.vllm_cpu import without_trl_engine
 from ..memory import find_memory
 from ..paper import SLEEP_PAPER
+from .batching import fill_one_batch
 from .dream_config import DreamConfig
 from .model_card import NamedBaseModelCardMixin
 from .vllm_engine import setup_colocate_engine
@@ -168,6 +168,7 @@ class DreamTrainer(NamedBaseModelCardMixin, GRPOTrainer):
         tokenizer = processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
         conversational = getattr(tokenizer, "chat_template", None) is not None
         train_dataset = prepare_dream_dataset(train_dataset, args, self.tau, conversational)
+        self._tasks = train_dataset  # each task once: what tau is measured on (the training set may repeat them)
         train_dataset = fill_one_batch(train_dataset, args.generation_batch_size // args.num_generations)
         eval_dataset = prepare_dream_dataset(eval_dataset, args, self.tau, conversational)
         if args.random_expert_sampling and not isinstance(model, str):
@@ -494,8 +495,9 @@ class DreamTrainer(NamedBaseModelCardMixin, GRPOTrainer):
 
     # ---- evaluation helpers --------------------------------------------------------------------------------------------
     def evaluate_tau(self, dataset: Dataset | None = None) -> float:
-        """Mean tau of the model as it is (no context, no adaptation) over the tasks of `dataset` (default: train)."""
-        dataset = self.train_dataset if dataset is None else dataset
+        """Mean tau of the model as it is (no context, no adaptation) over the tasks of `dataset` (default: the
+        training tasks, each once)."""
+        dataset = self._tasks if dataset is None else dataset
         rows = track(dataset, description="tau of the model, task by task", transient=True,
                      disable=not self.accelerator.is_main_process)
         with self._full_policy() as policy:
