@@ -131,6 +131,9 @@ def test_fields_the_cycle_sets_and_bad_values_are_refused_by_section_and_name():
         parse_recipe(SLEEP_TINY, ["--consolidation_args.lmbda", "2"])
     with pytest.raises(RecipeError, match=r"`eval_metric`='exact' is not supported"):
         parse_recipe(SLEEP_TINY, ["--eval_metric", "exact"])
+    with pytest.raises(RecipeError, match=r"router_loss_weight.*slow_gate: sigmoid"):
+        parse_recipe(SLEEP_TINY, ["--slow_gate", "fixed", "--consolidation_args.router_loss_weight", "1.0"])
+    assert parse_recipe(SLEEP_TINY, ["--consolidation_args.router_loss_weight", "1.0"])
 
 
 def test_yaml_syntax_error_is_a_recipe_error(tmp_path):

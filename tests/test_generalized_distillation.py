@@ -13,6 +13,7 @@ from sleep_trl.trainers.generalized_distillation_objective import (
     clipped_policy_loss,
     generalized_jsd,
     group_advantages,
+    router_gate_loss,
 )
 from sleep_trl.trainers.generalized_distillation_trainer import GeneralizedDistillationTrainer
 
@@ -695,3 +696,135 @@ def test_fewer_prompts_than_one_batch_still_train_every_step(tmp_path, student_d
     trainer.train()
     assert trainer.state.global_step == 2
     assert any(not torch.equal(before[n], p) for n, p in student.named_parameters())
+
+
+def test_router_gate_loss_hand_values():
+    # 2 layers, 2 rows (row 1 replayed), 3 tokens (the last token of row 0 is padding)
+    g = [torch.tensor([[0.9, 0.5, 0.1], [0.2, 0.4, 0.6]]), torch.tensor([[0.8, 0.7, 0.3], [0.1, 0.3, 0.5]])]
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    replay = torch.tensor([False, True])
+    new = -(math.log(0.9) + math.log(0.5) + math.log(0.8) + math.log(0.7)) / 4
+    old = -sum(math.log(1 - x) for x in (0.2, 0.4, 0.6, 0.1, 0.3, 0.5)) / 6
+    assert router_gate_loss(g, mask, replay).item() == pytest.approx((new + old) / 2, rel=1e-6)
+    assert router_gate_loss(g, mask, torch.tensor([False, False])).item() == pytest.approx(
+        -(math.log(0.9) + math.log(0.5) + math.log(0.8) + math.log(0.7) + sum(
+            math.log(x) for x in (0.2, 0.4, 0.6, 0.1, 0.3, 0.5))) / 10, rel=1e-6)
+    assert router_gate_loss(g, torch.zeros(2, 3), replay).item() == 0.0
+
+
+def routed_sleep(tiny_dir):
+    """A model in the middle of a sleep: an awake fast expert (suspended) and a new routed slow expert that is a
+    copy of it (warm start, gate 0.99), the only thing that trains."""
+    from sleep_trl.memory import LevelConfig, MemoryConfig, attach_memory
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir("router_llama", arch="llama", seed=3))
+    levels = [LevelConfig("fast", num_slots=1, rank=4, gate="fixed"), LevelConfig("slow", num_slots=2, rank=4,
+                                                                                   gate="sigmoid")]
+    mem = attach_memory(model, MemoryConfig(levels=levels))
+    mem.expand("fast")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in mem.parameters("fast", slots=[0]):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    names = mem.expand("slow")
+    mem.copy_slot(("fast", 0), ("slow", 0))
+    mem.suspend("fast")
+    return model, mem, names
+
+
+def mean_gates(mem, model, tokenizer, texts):
+    """The new expert's mean gate where the answer starts (the last prompt token), over layers and prompts."""
+    out = []
+    for t in texts:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": t}], return_tensors="pt", return_dict=True,
+                                            add_generation_prompt=True)
+        with torch.no_grad(), mem.recording_gates() as gates:
+            model(**ids)
+        out += [g[0, -1].item() for g in gates]
+    return sum(out) / len(out)
+
+
+def test_router_loss_teaches_the_new_expert_to_stay_quiet_on_replayed_rows(tmp_path, tiny_dir, tiny_tokenizer):
+    """With `router_loss_weight`, the new expert's gate falls on replayed prompts and stays open on new ones; the
+    loss adds exactly the weight times the gate cross-entropy to the distillation loss; without replayed rows the
+    term is off."""
+    # new knowledge is about rivers, the replayed old knowledge about mountains (the router must tell them apart)
+    texts = [f"Tell me about the river number {i}." if i % 2 == 0 else f"Which mountain is the highest, {i}?"
+             for i in range(8)]
+    replay = [i % 2 == 1 for i in range(8)]
+    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": t}] for t in texts], "replay": replay})
+    old_texts = [t for t, r in zip(texts, replay) if r]
+    new_texts = [t for t, r in zip(texts, replay) if not r]
+    after = {}
+    for weight in (0.0, 1.0):
+        model, mem, names = routed_sleep(tiny_dir)
+        trainer = GeneralizedDistillationTrainer(
+            model=model, processing_class=tiny_tokenizer, train_dataset=data,
+            args=cpu_args(tmp_path / str(weight), teacher_view="memory", alpha=1.0, lmbda=0.0,
+                          trainable_parameters=names, max_steps=16, learning_rate=1e-1, router_loss_weight=weight),
+        )
+        assert (trainer._router_memory is not None) == (weight > 0)
+        before = mean_gates(mem, model, tiny_tokenizer, old_texts)
+        trainer.train()
+        after[weight] = (mean_gates(mem, model, tiny_tokenizer, old_texts),
+                         mean_gates(mem, model, tiny_tokenizer, new_texts))
+        logged = [h for h in trainer.state.log_history if "router/loss" in h]
+        assert bool(logged) == (weight > 0)
+    assert before == pytest.approx(0.99, abs=1e-4)
+    # measured: without the term both stay at 0.9995; with it 0.35 on replayed prompts, 0.60 on new ones
+    (old_off, new_off), (old_on, new_on) = after[0.0], after[1.0]
+    assert old_on < old_off - 0.3  # the router learned to close on replayed prompts
+    assert new_on - old_on > (new_off - old_off) + 0.15  # more than on new ones: it tells them apart
+
+    # the term is weight x the gate cross-entropy, added to the distillation loss
+    model, mem, names = routed_sleep(tiny_dir)
+    trainer = GeneralizedDistillationTrainer(
+        model=model, processing_class=tiny_tokenizer, train_dataset=data,
+        args=cpu_args(tmp_path / "exact", teacher_view="memory", alpha=1.0, trainable_parameters=names,
+                      router_loss_weight=0.5),
+    )
+    batch = handmade_batch(tiny_tokenizer, seed=4, batch=4)
+    batch["replay_mask"] = torch.tensor([False, True, False, True])
+    with torch.no_grad():
+        loss, _, _ = trainer._compute_loss(model, dict(batch), None)
+        trainer._router_memory = None
+        distill, _, _ = trainer._compute_loss(model, dict(batch), None)
+        with mem.recording_gates() as gates:
+            model(input_ids=torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1),
+                  attention_mask=torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1))
+    P, K = batch["prompt_ids"].size(1), batch["completion_ids"].size(1)
+    mask = torch.zeros(4, P + K, dtype=torch.bool)
+    mask[:, P - 1 : P + K - 1] = batch["completion_mask"].bool()  # the positions that predict the completion
+    g, old = torch.stack(gates), batch["replay_mask"][:, None]
+    reference = (-torch.log(1 - g[:, mask & old]).mean() - torch.log(g[:, mask & ~old]).mean()) / 2
+    assert (loss - distill).item() == pytest.approx(0.5 * reference.item(), rel=1e-4)
+
+    # nothing to stay quiet on: a sleep without replayed rows has no router term
+    model, mem, names = routed_sleep(tiny_dir)
+    trainer = GeneralizedDistillationTrainer(
+        model=model, processing_class=tiny_tokenizer, train_dataset=prompts(),
+        args=cpu_args(tmp_path / "none", teacher_view="memory", alpha=1.0, trainable_parameters=names,
+                      router_loss_weight=1.0),
+    )
+    assert trainer._router_memory is None
+
+
+def test_router_loss_needs_a_routed_newest_expert(tmp_path, tiny_dir, tiny_tokenizer):
+    from sleep_trl.memory import LevelConfig, MemoryConfig, attach_memory
+
+    with pytest.raises(ValueError, match="router_loss_weight.*teacher_view: memory"):
+        cpu_args(tmp_path, router_loss_weight=1.0)
+    with pytest.raises(ValueError, match="router_loss_weight"):
+        cpu_args(tmp_path, router_loss_weight=-1.0, teacher_view="memory")
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir("router_fixed", arch="llama", seed=3))
+    mem = attach_memory(model, MemoryConfig(levels=[LevelConfig("fast", 1, 4, gate="fixed"),
+                                                    LevelConfig("slow", 2, 4, gate="fixed")]))
+    mem.expand("fast")
+    names = mem.expand("slow")
+    mem.suspend("fast")
+    with pytest.raises(ValueError, match="slow_gate: sigmoid"):
+        GeneralizedDistillationTrainer(
+            model=model, processing_class=tiny_tokenizer, train_dataset=prompts().add_column("replay", [True] * 8),
+            args=cpu_args(tmp_path, teacher_view="memory", alpha=1.0, trainable_parameters=names,
+                          router_loss_weight=1.0),
+        )

@@ -294,6 +294,38 @@ def test_random_experts_only_change_routed_levels(tiny_tokenizer, input_ids, arc
     assert not mem.is_suspended("slow")
 
 
+def test_recording_gates_gives_the_newest_slots_router_gate_in_every_layer(tiny_tokenizer, input_ids):
+    """What a sleep's router loss reads: sigmoid(w . x + b) of the newest slot, per attached layer, per token, in the
+    autograd graph; nothing from forwards in which the slot is masked (a teacher view)."""
+    model, mem = make(tiny_tokenizer, "qwen2")
+    mem.expand("slow")
+    mem.expand("slow")
+    randomize(mem.parameters("slow", slots=[0, 1]), std=0.3, seed=5)
+    inputs = {}
+    hooks = [mem.blocks[i].banks["slow"].register_forward_pre_hook(
+        lambda module, args, i=i: inputs.setdefault(i, args[0].detach())) for i in mem.layers]
+    with mem.recording_gates() as gates:
+        model(input_ids)
+        with mem.teacher_view():
+            model(input_ids)  # slot 1 masked: nothing recorded
+    for h in hooks:
+        h.remove()
+    assert len(gates) == len(mem.layers)
+    for gate, i in zip(gates, mem.layers):
+        bank = mem.blocks[i].banks["slow"]
+        expected = torch.sigmoid(inputs[i] @ bank.router_1[0] + bank.router_bias_1)
+        torch.testing.assert_close(gate.detach(), expected, atol=1e-6, rtol=0)
+        assert gate.shape == input_ids.shape and gate.requires_grad
+    assert mem.state.gate_record is None  # only inside the context
+    mem.expand("fast")
+    with pytest.raises(ValueError, match="only routed"):
+        with mem.recording_gates():
+            pass
+    with mem.recording_gates("slow", 0) as first:
+        model(input_ids)
+    assert len(first) == len(mem.layers)
+
+
 # --------------------------------------------------------------------------- schedule
 def test_schedule_boundaries_slowest_first():
     levels = [LevelConfig("fast", 1, 4, chunk_size=1000), LevelConfig("mid", 5, 4, chunk_size=5000),

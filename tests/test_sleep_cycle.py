@@ -337,3 +337,31 @@ def test_warm_start_makes_the_new_slow_expert_a_copy_of_the_fast_one(tmp_path):
         assert fast and any(torch.count_nonzero(v) for v in fast.values())
         for key, value in fast.items():
             assert torch.equal(slept[key.replace(".fast.", ".slow.").replace("_0", f"_{k}")], value), key
+
+
+
+def test_without_expansion_every_sleep_trains_the_first_slow_expert_again(tmp_path):
+    """`expansion: false` (the ablation): one slow expert for the whole run; session 1's sleep trains only it again,
+    taught by the teacher cache filled before the first step (the model before that sleep)."""
+    out = tmp_path / "noexp"
+    report = run_cycle(tiny_config(out, "--expansion", "false", "--replay_prompts", "4"))
+    sleeps = [p for p in report["phases"] if p["phase"] == "consolidate"]
+    assert [p["metrics"]["steps"] for p in sleeps] == [2, 2]
+    assert memory_state(out / "checkpoints/s1-consolidate")["unlocked"] == {"fast": 0, "slow": 1}
+    woke, slept = memory_tensors(out / "checkpoints/s1-wake"), memory_tensors(out / "checkpoints/s1-consolidate")
+    changed = {k for k in woke if not torch.equal(woke[k], slept[k])}
+    assert any(".slow." in k and k.endswith("down_0") for k in changed)  # the one slow expert learned again
+    assert all(".fast." in k or (".slow." in k and k.endswith("_0")) for k in changed)  # nothing else (fast: pruned)
+    with pytest.raises(Exception, match="expansion: false.*lmbda"):
+        tiny_config(tmp_path / "bad", "--expansion", "false", "--consolidation_args.lmbda", "0.5")
+
+
+def test_router_loss_acts_from_the_first_sleep_with_replayed_rows(tmp_path):
+    """`--consolidation_args.router_loss_weight`: the report shows the router loss of the second sleep (the first
+    with replayed rows); the first sleep has nothing to stay quiet on."""
+    report = run_cycle(tiny_config(tmp_path / "router", "--replay_prompts", "4",
+                                   "--consolidation_args.router_loss_weight", "1.0",
+                                   "--consolidation_args.logging_steps", "1"))
+    first, second = [p["metrics"] for p in report["phases"] if p["phase"] == "consolidate"]
+    assert "router_loss_last" not in first
+    assert second["router_loss_last"] > 0

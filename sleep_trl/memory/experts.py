@@ -39,6 +39,9 @@ class MemoryState:
     # Per-row multipliers of a level's output, `(batch,)` tensors: set only inside a `teacher_view(rows_suspend=...)`
     # (one batch whose rows see different views, e.g. new rows the awake model and replayed rows the long-term one).
     row_scale: dict[str, torch.Tensor] = field(default_factory=dict)
+    # `{(level, slot): [gates of each forward, one (..., seq) tensor per attached layer]}`: set only inside
+    # `ContinuumMemory.recording_gates` (the router loss of a sleep reads the new expert's gates from it).
+    gate_record: dict[tuple[str, int], list[torch.Tensor]] | None = None
 
     def active(self, level: str) -> bool:
         return self.unlocked[level] > 0 and level not in self.suspended
@@ -140,6 +143,10 @@ class ExpertBank(nn.Module):
             w_r = torch.cat([p[f"router_{s}"] for s in range(k)])
             b_r = torch.cat([p[f"router_bias_{s}"] for s in range(k)])
             gates = torch.sigmoid(F.linear(h_in, w_r, b_r))
+            if state.gate_record is not None:
+                for (level, slot), record in state.gate_record.items():
+                    if level == self.level and slot < k:
+                        record.append(gates[..., slot])
             if state.generator is not None:
                 # Random-expert sampling (dreaming): one uniformly random unlocked slot per token gets gate 1.
                 pick = torch.randint(k, gates.shape[:-1], generator=state.generator).to(gates.device)

@@ -294,6 +294,30 @@ class ContinuumMemory:
             self._in_view = False
 
     @contextlib.contextmanager
+    def recording_gates(self, level: str | None = None, slot: int | None = None):
+        """Context manager yielding a list that collects, for every forward inside, the router gate of one routed
+        slot in every attached layer, in forward order (one `(batch, seq)` tensor per layer, still in the autograd
+        graph). Default: the newest expanded slot (the one a sleep trains). Forwards in which the slot is masked (a
+        `teacher_view`) record nothing. Gates are recorded before random-expert sampling."""
+        if level is None or slot is None:
+            if not self.history:
+                raise RuntimeError("mem.recording_gates() without a level and slot needs a previous mem.expand().")
+            level, slot = self.history[-1].level, self.history[-1].slot
+        if self.config.level(level).resolved_gate != "sigmoid":
+            raise ValueError(
+                f"mem.recording_gates({level!r}): level {level!r} has gate {self.config.level(level).resolved_gate!r}; "
+                "only routed (gate='sigmoid') levels have gates to record."
+            )
+        if self.state.gate_record is not None:
+            raise RuntimeError("mem.recording_gates() is already active: recordings do not nest.")
+        record: list[torch.Tensor] = []
+        self.state.gate_record = {(level, slot): record}
+        try:
+            yield record
+        finally:
+            self.state.gate_record = None
+
+    @contextlib.contextmanager
     def random_experts(self, seed: int | None = None):
         """Context manager for dreaming: in every routed (`"sigmoid"`) bank, one uniformly random unlocked expert
         per token additionally gets gate 1 (the paper: each router picks one random expert). Draws come from a

@@ -15,6 +15,7 @@ defaults (`CONSOLIDATION_DEFAULTS`). The steps (paper notes §2-§3):
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
@@ -89,11 +90,13 @@ class ConsolidationResult:
     train_loss: float
     prompts: int
     distill_loss_last: float | None = None
+    router_loss_last: float | None = None
 
     def metrics(self) -> dict:
         out = {"steps": self.steps, "train_loss": round(self.train_loss, 4), "prompts": self.prompts}
-        if self.distill_loss_last is not None:
-            out["distill_loss_last"] = round(self.distill_loss_last, 4)
+        for name in ("distill_loss_last", "router_loss_last"):
+            if getattr(self, name) is not None:
+                out[name] = round(getattr(self, name), 4)
         return out
 
 
@@ -106,6 +109,7 @@ def consolidate(
     fast_level: str | None = "fast",
     slow_level: str = "slow",
     warm_start: bool = False,
+    expand: bool = True,
     optimizer=None,
     callbacks=None,
 ) -> ConsolidationResult:
@@ -123,6 +127,11 @@ def consolidate(
         slow_level: the level that receives the new expert.
         warm_start: the new expert starts as a copy of the fast expert (the paper's student: the expanded model
             with the fast block's update), so the student begins where the awake model is (`mem.copy_slot`).
+        expand: False is the "no expansion" ablation: once `slow_level` has an expert, every later sleep trains
+            that same expert again (no new capacity; no warm start, which would overwrite it). The model before
+            this sleep is then no view of the student (the expert it changes is the one that held old knowledge),
+            so the teacher's samples and hidden states are all computed before the first step (`teacher_cache:
+            on`), which needs off-policy batches only (`lmbda: 0`).
         optimizer: the wake's optimizer, whose state for the pruned fast slot is dropped.
         callbacks: trainer callbacks (e.g. rich progress).
     """
@@ -132,18 +141,26 @@ def consolidate(
             "consolidate needs a continuum memory on the model: `attach_memory(model, MemoryConfig())` and train its "
             "fast level (`mem.freeze_all_but(mem.expand('fast'))`)."
         )
-    names = memory.expand(slow_level)
-    if fast_level is not None:
-        if warm_start:
+    views = {}
+    if expand or memory.unlocked(slow_level) == 0:
+        names = memory.expand(slow_level)
+        if fast_level is not None and warm_start:
             memory.copy_slot((fast_level, 0), (slow_level, memory.unlocked(slow_level) - 1))
+        teacher = {"teacher_view": "memory"}
+    else:
+        names = _retrain_newest(memory, slow_level, fast_level, args)
+        views = {"teacher_view": lambda: _resumed(memory, fast_level), "replay_view": contextlib.nullcontext}
+        teacher = {"teacher_view": None, "teacher_cache": "on", "teacher_cache_hidden_states": True}
+    if fast_level is not None:
         memory.suspend(fast_level)
     config = GeneralizedDistillationConfig(
-        **{**args, "trainable_parameters": names, "teacher_view": "memory", "teacher_model_name_or_path": None,
-           "teachers": None}
+        **{**args, "trainable_parameters": names, "teacher_model_name_or_path": None, "teachers": None, **teacher}
     )
     trainer = GeneralizedDistillationTrainer(
-        model=model, args=config, train_dataset=prompts, processing_class=tokenizer, callbacks=callbacks
+        model=model, args=config, train_dataset=prompts, processing_class=tokenizer, callbacks=callbacks, **views
     )
+    if views and not (trainer.uses_teacher_cache and config.lmbda == 0.0):
+        raise RuntimeError("A sleep without expansion needs the teacher cache: its teacher is not frozen.")
     result = quiet_trainer(trainer).train()
     if config.max_steps > 0 and trainer.state.global_step < config.max_steps:
         raise RuntimeError(
@@ -154,10 +171,38 @@ def consolidate(
     if fast_level is not None:
         memory.reset(fast_level, optimizer=optimizer)  # synaptic pruning (and the Adam moments of the fast slot)
     logs = [h for h in trainer.state.log_history if "distill/loss" in h]
+    router = [h["router/loss"] for h in trainer.state.log_history if "router/loss" in h]
     return ConsolidationResult(
         slot=memory.unlocked(slow_level) - 1,
         steps=trainer.state.global_step,
         train_loss=mean_over_processes(result.training_loss),
         prompts=len(prompts),
         distill_loss_last=logs[-1]["distill/loss"] if logs else None,
+        router_loss_last=router[-1] if router else None,
     )
+
+
+def _retrain_newest(memory, slow_level: str, fast_level: str | None, args: Mapping) -> list[str]:
+    """The no-expansion sleep: the slow level's newest expert trains again (every other parameter frozen)."""
+    if fast_level is None:
+        raise ValueError("A sleep without expansion consolidates a fast level (`wake: fast`), not a context.")
+    for name, value in (("lmbda", 0.0), ("router_loss_weight", 0.0)):
+        if float(args.get(name, value) or 0.0) != value:
+            raise ValueError(
+                f"A sleep without expansion needs `consolidation_args.{name}: {value}` (got {args[name]}): its teacher, "
+                "the model before this sleep, exists only in the teacher cache filled before the first step."
+            )
+    slot = memory.unlocked(slow_level) - 1
+    names = memory.names(memory.parameters(slow_level, slots=[slot]))
+    memory.freeze_all_but(names)
+    return names
+
+
+@contextlib.contextmanager
+def _resumed(memory, level: str):
+    """The awake model while the student has `level` suspended: the teacher of new rows without expansion."""
+    memory.resume(level)
+    try:
+        yield memory
+    finally:
+        memory.suspend(level)

@@ -321,7 +321,7 @@ class SleepCycle:
         }
         result = consolidate(
             self.model, self.tokenizer, data, fields, fast_level=None if in_context else "fast",
-            warm_start=cfg.warm_start, callbacks=self._callbacks(),
+            warm_start=cfg.warm_start, expand=cfg.expansion, callbacks=self._callbacks(),
         )
         return result.metrics(), True
 

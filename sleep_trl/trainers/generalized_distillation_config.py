@@ -125,6 +125,16 @@ class GeneralizedDistillationConfig(DistillationConfig):
             Rows whose value in this column is true are replayed old knowledge: with a teacher view they are taught
             by the replay view instead (for `teacher_view: memory`, the long-term memory as it was before this sleep,
             without the awake fast level, which may have overwritten old answers). Other teachers refuse the column.
+        router_loss_weight (`float`, *optional*, defaults to `0.0`):
+            With `teacher_view: memory` whose newest expert is routed (a `gate: sigmoid` level, the sleep's slow
+            level), add `router_loss_weight` times a binary cross-entropy on that expert's router gates, averaged over
+            the attached layers and the tokens that predict the distillation sequence (the last prompt token and the
+            completion; the chat template's first tokens are alike in every row): gate 0 on replayed rows (old
+            knowledge, where the model before this sleep is already what the student must be) and gate 1 on new rows.
+            The new expert then learns to stay quiet on what it must not change, instead of only having its output
+            pulled back by the distillation loss. Each class is averaged on its own (a batch of 1 replayed row in 8
+            weighs it as much as the 7 new ones); a dataset without replayed rows (the first sleep) adds nothing.
+            `0.0` turns it off.
 
         > Which parameters learn
 
@@ -213,6 +223,10 @@ class GeneralizedDistillationConfig(DistillationConfig):
     replay_column: str = field(
         default="replay", metadata={"help": "Dataset column marking replayed rows (taught by the replay view)."}
     )
+    router_loss_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the new expert's router loss (gate 0 on replayed rows, 1 on new rows); 0: off."},
+    )
     trainable_parameters: list[str] | None = field(
         default=None,
         metadata={"help": "Names or regexes (fullmatch) of the parameters that learn; all others are frozen."},
@@ -266,6 +280,14 @@ class GeneralizedDistillationConfig(DistillationConfig):
             raise ValueError(f"`teacher_samples_per_prompt` must be >= 1 or None, got {self.teacher_samples_per_prompt}.")
         if self.teacher_cache_batch_size < 1:
             raise ValueError(f"`teacher_cache_batch_size` must be >= 1, got {self.teacher_cache_batch_size}.")
+        if self.router_loss_weight < 0:
+            raise ValueError(f"`router_loss_weight` must be >= 0, got {self.router_loss_weight}.")
+        if self.router_loss_weight > 0 and self.teacher_view != "memory":
+            raise ValueError(
+                f"`router_loss_weight` > 0 trains the router of a continuum memory's newest expert, which needs "
+                f"`teacher_view: memory` (got teacher_view={self.teacher_view!r}). Set `router_loss_weight: 0.0` or "
+                "consolidate into a memory."
+            )
         if self.teacher_view not in (None, *TEACHER_VIEWS):
             raise ValueError(f"`teacher_view` must be None or one of {TEACHER_VIEWS}, got {self.teacher_view!r}.")
         if self.teachers is not None and self.teacher_model_name_or_path is not None:

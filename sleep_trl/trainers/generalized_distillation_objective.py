@@ -132,3 +132,22 @@ def imitation_rewards(
     if reference_embeddings is not None and hasattr(judge, "embed") and hasattr(judge, "compare"):
         return r_abs, list(judge.compare(judge.embed(texts), reference_embeddings))
     return r_abs, list(judge(texts, [decode(r) for r in references]))
+
+
+def router_gate_loss(gates: Sequence[torch.Tensor], token_mask: torch.Tensor, replay: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of one expert's router gates: target 0 on replayed rows, 1 on new rows.
+
+    `gates`: one `(B, L)` tensor per attached layer (`ContinuumMemory.recording_gates`); `token_mask`: `(B, L)`, the
+    real tokens; `replay`: `(B,)` bool. Each class is the mean over its tokens and layers; the loss is the mean of the
+    classes present (a zero that keeps the graph when neither is)."""
+    g = torch.stack(list(gates)).float()  # (layers, B, L)
+    valid = token_mask.bool().to(g.device)
+    replay = replay.bool().to(g.device)
+    terms = []
+    for rows, target in ((valid & replay[:, None], 0.0), (valid & ~replay[:, None], 1.0)):
+        if rows.any():
+            chosen = g[:, rows]
+            terms.append(F.binary_cross_entropy(chosen, torch.full_like(chosen, target)))
+    if not terms:
+        return g.sum() * 0.0
+    return sum(terms) / len(terms)

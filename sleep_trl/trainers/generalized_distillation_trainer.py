@@ -57,6 +57,7 @@ from .generalized_distillation_objective import (
     group_advantages,
     imitation_rewards,
     logit_scale_of,
+    router_gate_loss,
 )
 from .model_card import NamedBaseModelCardMixin
 from .prefix_sharing import gather_positions, pack_rows
@@ -192,6 +193,7 @@ class GeneralizedDistillationTrainer(NamedBaseModelCardMixin, DistillationTraine
         self.teachers = TeacherSet(self, teachers, has_replay=self._check_replay(train_dataset, args, teachers))
         self.teacher_model = self.teachers.first_model
         self._check_teacher_heads()
+        self._router_memory = self._check_router_loss(args)
         self.num_trainable_parameters = self._set_trainable(args.trainable_parameters)
         self.semantic_judge = semantic_judge
         if self.semantic_judge is None and args.alpha < 1.0 and args.gamma > 0.0:
@@ -245,6 +247,22 @@ class GeneralizedDistillationTrainer(NamedBaseModelCardMixin, DistillationTraine
                 "`teacher_view` callable with a `replay_view`). Drop the column to teach every row alike."
             )
         return True
+
+    def _check_router_loss(self, args: GeneralizedDistillationConfig):
+        """The memory whose newest expert's router `router_loss_weight` trains (None when the term is off or the
+        dataset replays nothing, so there is no row to stay quiet on)."""
+        if args.router_loss_weight == 0.0 or not self.teachers.has_replay:
+            return None
+        memory = find_memory(self.model)
+        level = memory.history[-1].level if memory is not None and memory.history else None
+        if level is None or memory.config.level(level).resolved_gate != "sigmoid":
+            raise ValueError(
+                f"`router_loss_weight` > 0 trains the router of the continuum memory's newest expert, but "
+                f"{'no memory is expanded' if level is None else f'its newest expert is in level {level!r}'}, "
+                "whose gate is not 'sigmoid'. Expand a routed level (`LevelConfig(gate='sigmoid')`, the sleep's "
+                "`slow_gate: sigmoid`) or set `router_loss_weight: 0.0`."
+            )
+        return memory
 
     def _set_trainable(self, patterns) -> int:
         """Apply `trainable_parameters` (when given) and return the number of trainable elements (> 0)."""
@@ -618,14 +636,27 @@ class GeneralizedDistillationTrainer(NamedBaseModelCardMixin, DistillationTraine
         parts = {}
         imitating = alpha < 1.0 and "imit_completion_ids" in inputs
         h_sequence = h_continuations = None
-        if imitating and alpha > 0.0 and self.args.imitation_prefix_sharing:
-            h_sequence, h_continuations = self._packed_student_hidden(unwrapped_student, inputs)
-        if alpha > 0.0:
-            distill, entropy_sum, n_valid = self._distillation_loss(
-                unwrapped_student, inputs, num_items_in_batch, student_hidden=h_sequence
-            )
-            loss = loss + alpha * distill
-            parts["distill/loss"] = distill.detach()
+        routing = self._router_memory is not None and alpha > 0.0
+        # The router loss reads the new expert's gates from the student's forward of the distillation sequences
+        # (packed or not); teacher forwards inside mask that expert and record nothing.
+        with self._router_memory.recording_gates() if routing else contextlib.nullcontext() as gates:
+            positions = None  # packed rows: where each distillation token is predicted
+            if imitating and alpha > 0.0 and self.args.imitation_prefix_sharing:
+                h_sequence, h_continuations, positions = self._packed_student_hidden(unwrapped_student, inputs)
+            if alpha > 0.0:
+                distill, entropy_sum, n_valid = self._distillation_loss(
+                    unwrapped_student, inputs, num_items_in_batch, student_hidden=h_sequence
+                )
+                loss = loss + alpha * distill
+                parts["distill/loss"] = distill.detach()
+        if routing:
+            router = router_gate_loss(gates, self._answer_positions(inputs, positions, gates[0].size(1)),
+                                      inputs["replay_mask"])
+            # the distillation term is a token sum over `num_items_in_batch` (gradient accumulation and processes);
+            # this micro-batch's share of those tokens scales its mean the same way
+            share = 1.0 if num_items_in_batch is None else inputs["completion_mask"].sum() / num_items_in_batch
+            loss = loss + self.args.router_loss_weight * share * router
+            parts["router/loss"] = router.detach()
         if imitating:
             imitation = self._imitation_loss(unwrapped_student, inputs, hidden=h_continuations)
             loss = loss + (1 - alpha) * imitation
@@ -635,7 +666,8 @@ class GeneralizedDistillationTrainer(NamedBaseModelCardMixin, DistillationTraine
 
     def _packed_student_hidden(self, student, inputs):
         """The student's hidden states for the distillation sequence and every imitation continuation of each
-        prompt, from one forward of shared-prefix rows (`prefix_sharing.py`): `(B, K, H)` and `(B * G, Kc, H)`."""
+        prompt, from one forward of shared-prefix rows (`prefix_sharing.py`): `(B, K, H)` and `(B * G, Kc, H)`, and
+        the positions predicting each distillation token `(B, K)`."""
         packed = pack_rows(
             inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"], inputs["completion_mask"],
             inputs["imit_prefix_ids"], inputs["imit_prefix_mask"], inputs["imit_shares_sequence"],
@@ -645,7 +677,26 @@ class GeneralizedDistillationTrainer(NamedBaseModelCardMixin, DistillationTraine
             input_ids=packed.input_ids, attention_mask=packed.attention_mask, position_ids=packed.position_ids,
             use_cache=False,
         ).last_hidden_state
-        return gather_positions(hidden, packed.sequence_index), gather_positions(hidden, packed.continuation_index).flatten(0, 1)
+        return (
+            gather_positions(hidden, packed.sequence_index),
+            gather_positions(hidden, packed.continuation_index).flatten(0, 1),
+            packed.sequence_index,
+        )
+
+    @staticmethod
+    def _answer_positions(inputs, positions, length: int) -> torch.Tensor:
+        """`(B, length)` bool: the tokens whose hidden states predict the distillation sequence (the last prompt token
+        and every completion token but the last). The router loss is taken there: by then the row's own question has
+        been read, whereas the chat template's opening tokens are the same in every row and cannot tell old from
+        new. `positions`: those tokens' indices in packed rows (`PackedRows.sequence_index`); None: unpacked rows
+        `[prompt | completion]`, where they are the `K` tokens before the last."""
+        completion_mask = inputs["completion_mask"].bool()
+        B, K = completion_mask.shape
+        if positions is None:
+            positions = torch.arange(length - K - 1, length - 1, device=completion_mask.device).expand(B, K)
+        # amax: the padding entries of packed indices all point at token 0 and must not clear a real position
+        mask = torch.zeros(B, length, device=completion_mask.device)
+        return mask.scatter_reduce(1, positions.to(mask.device), completion_mask.float(), reduce="amax").bool()
 
     def _head(self, module, sliced: bool):
         return self.teachers.head(module, sliced, self.vocab_size)
