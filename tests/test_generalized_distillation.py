@@ -413,21 +413,32 @@ def test_gamma_needs_a_judge(tmp_path):
         cpu_args(tmp_path, alpha=0.5, gamma=0.5, semantic_judge=None)
 
 
+def mid_sleep(model_dir, slow_gate="fixed", fast_std=None, warm_start=False):
+    """A tiny model in the middle of a sleep: a fast expert (random weights of std `fast_std`, else as unlocked),
+    suspended, and a newly expanded slow expert (a copy of the fast one with `warm_start`), the only one that
+    trains. Returns the model, its memory and the new expert's parameter names."""
+    from sleep_trl.memory import LevelConfig, MemoryConfig, attach_memory
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    mem = attach_memory(model, MemoryConfig(levels=[LevelConfig("fast", num_slots=1, rank=4, gate="fixed"),
+                                                    LevelConfig("slow", num_slots=2, rank=4, gate=slow_gate)]))
+    mem.expand("fast")
+    if fast_std is not None:
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in mem.parameters("fast", slots=[0]):
+                p.copy_(torch.randn(p.shape, generator=gen) * fast_std)
+    names = mem.expand("slow")
+    if warm_start:
+        mem.copy_slot(("fast", 0), ("slow", 0))
+    mem.suspend("fast")
+    return model, mem, names
+
+
 def test_replay_rows_are_taught_by_the_long_term_memory(tmp_path, tiny_dir, tiny_tokenizer):
     """Consolidation with replay: new rows are taught by the awake model (fast level on), replayed rows by the
     long-term memory before this sleep (fast level silent), both without a second copy of the weights."""
-    from sleep_trl.memory import LevelConfig, MemoryConfig, attach_memory
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir("replay_llama", arch="llama", seed=7))
-    levels = [LevelConfig("fast", num_slots=1, rank=4, gate="fixed"), LevelConfig("slow", num_slots=2, rank=4,
-                                                                                   gate="fixed")]
-    mem = attach_memory(model, MemoryConfig(levels=levels))
-    mem.expand("fast")
-    with torch.no_grad():
-        for p in mem.parameters("fast", slots=[0]):
-            p.normal_(0, 0.5)
-    names = mem.expand("slow")
-    mem.suspend("fast")
+    model, mem, names = mid_sleep(tiny_dir("replay_llama", arch="llama", seed=7), fast_std=0.5)
     data = prompts().add_column("replay", [i % 2 == 1 for i in range(8)])
     trainer = GeneralizedDistillationTrainer(
         model=model, processing_class=tiny_tokenizer, train_dataset=data,
@@ -596,8 +607,6 @@ def test_imitation_targets_and_cuts_come_from_the_cache(tmp_path, student_dir, t
 def test_teacher_cache_only_when_the_teacher_cannot_change(tmp_path, student_dir, tiny_dir, tiny_tokenizer):
     from peft import LoraConfig
 
-    from sleep_trl.memory import LevelConfig, MemoryConfig, attach_memory
-
     peft = GeneralizedDistillationTrainer(
         model=str(student_dir), train_dataset=prompts(), peft_config=LoraConfig(r=2, target_modules=["down_proj"]),
         args=cpu_args(tmp_path, teacher_view="disable_adapter", alpha=1.0, max_steps=1),
@@ -608,12 +617,7 @@ def test_teacher_cache_only_when_the_teacher_cannot_change(tmp_path, student_dir
         args=cpu_args(tmp_path, teacher_view="self", alpha=1.0, max_steps=1),
     )
     assert not context.uses_teacher_cache  # the teacher is the student as it trains
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir("cache_llama", arch="llama", seed=11))
-    mem = attach_memory(model, MemoryConfig(levels=[LevelConfig("fast", 1, 4, gate="fixed"),
-                                                    LevelConfig("slow", 2, 4, gate="fixed")]))
-    mem.expand("fast")
-    names = mem.expand("slow")
-    mem.suspend("fast")
+    model, mem, names = mid_sleep(tiny_dir("cache_llama", arch="llama", seed=11))
 
     def trainer_for(trainable, cache="auto"):
         return GeneralizedDistillationTrainer(
@@ -713,23 +717,9 @@ def test_router_gate_loss_hand_values():
 
 
 def routed_sleep(tiny_dir):
-    """A model in the middle of a sleep: an awake fast expert (suspended) and a new routed slow expert that is a
-    copy of it (warm start, gate 0.99), the only thing that trains."""
-    from sleep_trl.memory import LevelConfig, MemoryConfig, attach_memory
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir("router_llama", arch="llama", seed=3))
-    levels = [LevelConfig("fast", num_slots=1, rank=4, gate="fixed"), LevelConfig("slow", num_slots=2, rank=4,
-                                                                                   gate="sigmoid")]
-    mem = attach_memory(model, MemoryConfig(levels=levels))
-    mem.expand("fast")
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in mem.parameters("fast", slots=[0]):
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    names = mem.expand("slow")
-    mem.copy_slot(("fast", 0), ("slow", 0))
-    mem.suspend("fast")
-    return model, mem, names
+    """Mid-sleep with a routed slow level, the new expert warm-started from the fast one (gate 0.99)."""
+    return mid_sleep(tiny_dir("router_llama", arch="llama", seed=3), slow_gate="sigmoid", fast_std=0.5,
+                     warm_start=True)
 
 
 def mean_gates(mem, model, tokenizer, texts):
@@ -810,18 +800,11 @@ def test_router_loss_teaches_the_new_expert_to_stay_quiet_on_replayed_rows(tmp_p
 
 
 def test_router_loss_needs_a_routed_newest_expert(tmp_path, tiny_dir, tiny_tokenizer):
-    from sleep_trl.memory import LevelConfig, MemoryConfig, attach_memory
-
     with pytest.raises(ValueError, match="router_loss_weight.*teacher_view: memory"):
         cpu_args(tmp_path, router_loss_weight=1.0)
     with pytest.raises(ValueError, match="router_loss_weight"):
         cpu_args(tmp_path, router_loss_weight=-1.0, teacher_view="memory")
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir("router_fixed", arch="llama", seed=3))
-    mem = attach_memory(model, MemoryConfig(levels=[LevelConfig("fast", 1, 4, gate="fixed"),
-                                                    LevelConfig("slow", 2, 4, gate="fixed")]))
-    mem.expand("fast")
-    names = mem.expand("slow")
-    mem.suspend("fast")
+    model, _, names = mid_sleep(tiny_dir("router_fixed", arch="llama", seed=3))
     with pytest.raises(ValueError, match="slow_gate: sigmoid"):
         GeneralizedDistillationTrainer(
             model=model, processing_class=tiny_tokenizer, train_dataset=prompts().add_column("replay", [True] * 8),

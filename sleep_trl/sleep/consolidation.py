@@ -159,8 +159,6 @@ def consolidate(
     trainer = GeneralizedDistillationTrainer(
         model=model, args=config, train_dataset=prompts, processing_class=tokenizer, callbacks=callbacks, **views
     )
-    if views and not (trainer.uses_teacher_cache and config.lmbda == 0.0):
-        raise RuntimeError("A sleep without expansion needs the teacher cache: its teacher is not frozen.")
     result = quiet_trainer(trainer).train()
     if config.max_steps > 0 and trainer.state.global_step < config.max_steps:
         raise RuntimeError(
