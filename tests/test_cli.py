@@ -134,6 +134,13 @@ def test_fields_the_cycle_sets_and_bad_values_are_refused_by_section_and_name():
     with pytest.raises(RecipeError, match=r"router_loss_weight.*slow_gate: sigmoid"):
         parse_recipe(SLEEP_TINY, ["--slow_gate", "fixed", "--consolidation_args.router_loss_weight", "1.0"])
     assert parse_recipe(SLEEP_TINY, ["--consolidation_args.router_loss_weight", "1.0"])
+    for bad in ("0", "1", "1.5"):
+        with pytest.raises(RecipeError, match=rf"`new_prompt_share` must be a number strictly between 0 and 1.*{bad}"):
+            parse_recipe(SLEEP_TINY, ["--new_prompt_share", bad])
+    with pytest.raises(RecipeError, match=r"`new_prompt_share`.*`method: replay` does not sleep"):
+        parse_recipe(SLEEP_TINY, ["--method", "replay", "--new_prompt_share", "0.5"])
+    _, _, (config,) = parse_recipe(SLEEP_TINY, ["--new_prompt_share", "0.5"])
+    assert config.new_prompt_share == 0.5
 
 
 def test_yaml_syntax_error_is_a_recipe_error(tmp_path):

@@ -549,6 +549,21 @@ def test_teacher_cache_gives_every_occurrence_its_own_sample(tmp_path, student_d
                for pool in cache.samples.values() for s in pool)
 
 
+def test_a_prompt_the_dataset_repeats_gets_as_many_cached_samples_as_it_is_drawn(tmp_path, student_dir, teacher_dir):
+    """A sleep with `new_prompt_share` repeats the new session's rows: a prompt filling 3 of 8 rows is drawn 3 times
+    as often over the 2 epochs of 4 steps x 4 (6 times), and gets 6 samples; each sample is used once."""
+    texts = [f"Tell me about the river number {i}." for i in (0, 0, 0, 1, 2, 3, 4, 5)]
+    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": t}] for t in texts]})
+    trainer = GeneralizedDistillationTrainer(
+        model=str(student_dir), teacher_model=str(teacher_dir), train_dataset=data,
+        args=cpu_args(tmp_path, lmbda=0.0, alpha=1.0, max_steps=4, max_completion_length=4),
+    )
+    trainer.train()
+    cache = trainer._teacher_cache
+    assert sorted(len(pool) for pool in cache.samples.values()) == [2, 2, 2, 2, 2, 6]
+    assert all(cache.uses[key] == len(pool) for key, pool in cache.samples.items())  # every sample used once
+
+
 @pytest.mark.parametrize("cache", ["auto", "off"])
 def test_cached_teacher_hidden_states_give_the_loss_of_a_fresh_teacher_forward(tmp_path, student_dir, teacher_dir,
                                                                                cache):
@@ -811,3 +826,54 @@ def test_router_loss_needs_a_routed_newest_expert(tmp_path, tiny_dir, tiny_token
             args=cpu_args(tmp_path, teacher_view="memory", alpha=1.0, trainable_parameters=names,
                           router_loss_weight=1.0),
         )
+
+
+def test_router_loss_is_the_same_from_packed_rows(tmp_path, tiny_dir, tiny_tokenizer):
+    """With the Learning-to-Imitate term and prefix sharing, the student's gates come from one packed forward of the
+    distillation sequence and its continuations; the router term read there (at `PackedRows.sequence_index`) equals
+    the one of the plain `[prompt | completion]` forward, in value and in gradient."""
+    model, mem, names = routed_sleep(tiny_dir)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # a router that reads the token (it starts at zero weight: the same gate everywhere)
+        for n, p in model.named_parameters():
+            if n in names and "router_" in n and "bias" not in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 2.0)
+    data = prompts(4).add_column("replay", [False, True, False, True])
+    trainer = GeneralizedDistillationTrainer(
+        model=model, processing_class=tiny_tokenizer, train_dataset=data,
+        args=cpu_args(tmp_path, teacher_view="memory", alpha=0.5, lmbda=0.0, gamma=0.0, num_imitation_generations=2,
+                      max_completion_length=6, trainable_parameters=names, router_loss_weight=0.5),
+    )
+    model.train()
+    batch = trainer._generate_and_score_completions([data[i] for i in range(4)])
+    assert batch["replay_mask"].tolist() == [False, True, False, True] and bool(batch["imit_shares_sequence"].all())
+
+    def router_and_grads(shared: bool):
+        trainer.args.imitation_prefix_sharing = shared
+        model.zero_grad()
+        inputs = dict(batch)
+        trainer._compute_loss(model, inputs, batch["num_items_in_batch"])
+        router = inputs["loss_parts"]["router/loss"]
+        model.zero_grad()
+        with mem.recording_gates() as gates:  # the router term alone, for its gradient
+            inputs = dict(batch)
+            if shared:
+                _, _, positions = trainer._packed_student_hidden(model, inputs)
+            else:
+                positions = None
+                model(input_ids=torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1),
+                      attention_mask=torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1))
+        term = router_gate_loss(gates, trainer._answer_positions(batch, positions, gates[0].size(1)),
+                                batch["replay_mask"])
+        term.backward()
+        return router, term.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    packed, packed_term, packed_grads = router_and_grads(True)
+    plain, plain_term, plain_grads = router_and_grads(False)
+    torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed, packed_term, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(plain, plain_term, atol=1e-6, rtol=1e-6)
+    assert packed_grads.keys() == plain_grads.keys() and any("router" in n for n in packed_grads)
+    for name in packed_grads:
+        torch.testing.assert_close(packed_grads[name], plain_grads[name], atol=1e-5, rtol=1e-4)
+    assert any(float(g.abs().sum()) > 0 for g in packed_grads.values())

@@ -356,6 +356,69 @@ def test_without_expansion_every_sleep_trains_the_first_slow_expert_again(tmp_pa
         tiny_config(tmp_path / "bad", "--expansion", "false", "--consolidation_args.lmbda", "0.5")
 
 
+def test_without_expansion_the_teacher_is_the_model_before_the_sleep(monkeypatch, tmp_path, tiny_dir, tiny_tokenizer):
+    """`consolidate(..., expand=False)` trains the slow expert that holds the older sessions, so the model before the
+    sleep is no view of the student: the teacher's hidden states, cached before the first step, are the pre-sleep
+    model's (fast level on for new rows, off for replayed rows), and training does not move them."""
+    from datasets import Dataset
+
+    from sleep_trl.memory import LevelConfig, MemoryConfig, attach_memory
+    from sleep_trl.sleep.consolidation import consolidate, consolidation_fields
+    from sleep_trl.trainers.generalized_distillation_trainer import GeneralizedDistillationTrainer
+
+    model_dir = tiny_dir("noexp_teacher", arch="llama", seed=5)
+
+    def before_the_sleep():  # a slow expert that learnt earlier sessions, a fast expert awake with the new one
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        mem = attach_memory(model, MemoryConfig(levels=[LevelConfig("fast", num_slots=1, rank=4, gate="fixed"),
+                                                        LevelConfig("slow", num_slots=2, rank=4, gate="fixed")]))
+        gen = torch.Generator().manual_seed(0)
+        for level in ("slow", "fast"):
+            mem.expand(level)
+            with torch.no_grad():
+                for p in mem.parameters(level, slots=[0]):
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        return model.eval(), mem
+
+    trainers = []
+    fill = GeneralizedDistillationTrainer._fill_teacher_cache
+
+    def recording_fill(self):
+        trainers.append(self)
+        fill(self)
+
+    monkeypatch.setattr(GeneralizedDistillationTrainer, "_fill_teacher_cache", recording_fill)
+    texts = [f"Tell me about the river number {i}." for i in range(4)]
+    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": t}] for t in texts],
+                              "replay": [False, True, False, True]})
+    model, mem = before_the_sleep()
+    args = consolidation_fields({"output_dir": str(tmp_path / "sleep"), "use_cpu": True, "max_steps": 3,
+                                 "per_device_train_batch_size": 4, "max_completion_length": 6,
+                                 "learning_rate": 5e-2, "seed": 0})
+    consolidate(model, tiny_tokenizer, data, args, expand=False)
+    assert mem.unlocked("slow") == 1 and mem.unlocked("fast") == 0  # no new expert; the fast level pruned
+    [trainer] = trainers
+    reference, reference_mem = before_the_sleep()
+    checked = {False: 0, True: 0}
+    for (prompt, _, replay), pool in trainer._teacher_cache.samples.items():
+        for sample in pool:
+            ids = torch.tensor([list(prompt) + sample.completion])
+            mask = torch.ones_like(ids)
+            K = len(sample.completion)
+            with torch.no_grad():
+                if replay:
+                    reference_mem.suspend("fast")
+                teacher = trainer._get_last_hidden_state(reference, ids, mask, K)[0]
+                reference_mem.resume("fast")
+                student = trainer._get_last_hidden_state(model, ids, mask, K)[0]  # after the sleep's 3 steps
+            torch.testing.assert_close(sample.hidden[0], teacher, atol=1e-5, rtol=1e-5)
+            assert not torch.allclose(sample.hidden[0], student, atol=1e-3)  # the student moved; its teacher not
+            checked[replay] += 1
+    assert checked == {False: 6, True: 6}  # 2 prompts of each kind x 3 samples (the 3 steps cover 3 epochs)
+
+
 def test_router_loss_acts_from_the_first_sleep_with_replayed_rows(tmp_path):
     """`--consolidation_args.router_loss_weight`: the report shows the router loss of the second sleep (the first
     with replayed rows); the first sleep has nothing to stay quiet on."""

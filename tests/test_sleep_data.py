@@ -115,6 +115,25 @@ def test_squad_json_is_recognised_and_split_into_sessions(tmp_path, tiny_tokeniz
         load_stream(str(path), num_sessions=5)
 
 
+@pytest.mark.parametrize("share, repeats", [(0.5, 2), (0.75, 6), (0.2, 1)])
+def test_new_prompt_share_repeats_the_new_sessions_rows_until_they_make_that_share(stream, tiny_tokenizer, share,
+                                                                                   repeats):
+    k, replay = 2, 48  # 96 replayed rows against the session's own 54 prompts
+    plain = consolidation_prompts(stream, k, replay, seed=0, with_context=False, tokenizer=tiny_tokenizer)
+    shared = consolidation_prompts(stream, k, replay, seed=0, with_context=False, tokenizer=tiny_tokenizer,
+                                   new_share=share)
+    own = [r["prompt"] for r in plain if not r["replay"]]
+    assert len(own) == len(stream.sessions[k].train_qa) + len(stream.sessions[k].probes) == 54
+    assert sum(shared["replay"]) == sum(plain["replay"]) == 96  # replayed rows are untouched
+    assert [r["prompt"] for r in shared if not r["replay"]] == own * repeats
+    # the fewest whole repeats that reach the share: 54 x repeats / (54 x repeats + 96) >= share > one repeat less
+    assert 54 * repeats / (54 * repeats + 96) >= share
+    assert repeats == 1 or 54 * (repeats - 1) / (54 * (repeats - 1) + 96) < share
+    first = consolidation_prompts(stream, 0, replay, seed=0, with_context=False, tokenizer=tiny_tokenizer,
+                                  new_share=share)
+    assert len(first) == 54  # nothing replayed: nothing to repeat against
+
+
 def write_jsonl(path, rows):
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return str(path)

@@ -244,6 +244,12 @@ class SleepConfig:
             memory as it was before this sleep (fast level off, new expert masked), never read from the dataset.
             Measured on the main job with warm start (seed 0): 48 (twice the 24 facts of a session) took BWT from
             -0.33 to -0.08 (`recipes/sleep.yaml` sets 48).
+        new_prompt_share (`float` or `None`, defaults to `None`):
+            The least share of a sleep's rows that are the new session's own prompts, in `(0, 1)`: they are repeated
+            (whole times, the fewest that reach the share) to get there. `None` keeps one row per prompt, so that the
+            new session's share falls as replayed prompts accumulate (with `replay_prompts: 48` and 54 prompts per
+            session: 100% in the first sleep, 14% in the eighth). With `max_steps` unset, the sleep's epochs count
+            the repeated rows.
         dream (`bool`, defaults to `False`):
             Run `DreamTrainer` on the session's contexts after consolidation (costly on a CPU: one LoRA inner loop
             per kept dream). Each step dreams on one of the session's documents (its dreams are the group); tau is
@@ -340,6 +346,9 @@ class SleepConfig:
         default=True, metadata={"help": "False: every sleep trains the first sleep's slow expert again (ablation)."}
     )
     replay_prompts: int = field(default=16, metadata={"help": "Prompts replayed from each earlier session."})
+    new_prompt_share: float | None = field(
+        default=None, metadata={"help": "Least share of a sleep's rows from the new session (its rows repeated)."}
+    )
     dream: bool = field(default=False, metadata={"help": "Run DreamTrainer after consolidation."})
     # phase trainers
     wake_args: dict[str, Any] | str | None = field(
@@ -389,22 +398,7 @@ class SleepConfig:
             raise ValueError("`wake: context` learns nothing without sleep: it needs `method: sleep`.")
         if self.slow_gate not in ("fixed", "sigmoid"):
             raise ValueError(f"`slow_gate` must be 'fixed' or 'sigmoid', got {self.slow_gate!r}.")
-        if not self.expansion:
-            given = {**CONSOLIDATION_DEFAULTS, **self.consolidation_args}
-            if self.method != "sleep" or self.wake != "fast":
-                raise ValueError("`expansion: false` is an ablation of sleep: it needs `method: sleep` and `wake: fast`.")
-            for name in ("lmbda", "router_loss_weight"):
-                if float(given.get(name, 0.0) or 0.0) != 0.0:
-                    raise ValueError(
-                        f"`expansion: false` needs `consolidation_args.{name}: 0.0` (got {given[name]}): without a new "
-                        "expert the model before the sleep is no view of the student, only a teacher cache filled "
-                        "before the first step."
-                    )
-        if self.slow_gate != "sigmoid" and float(self.consolidation_args.get("router_loss_weight", 0.0) or 0.0) > 0:
-            raise ValueError(
-                "`consolidation_args.router_loss_weight` trains the new slow expert's router, but `slow_gate` is "
-                f"{self.slow_gate!r}: set `slow_gate: sigmoid` or `consolidation_args.router_loss_weight: 0.0`."
-            )
+        self._check_sleep_variants()
         check_metric(self.eval_metric, "eval_metric")
         optional = {"num_sessions": self.num_sessions, "slow_slots": self.slow_slots}
         for name in ("facts_per_session", "doc_variants", "fast_rank", "slow_rank", "eval_max_new_tokens",
@@ -427,8 +421,6 @@ class SleepConfig:
                 f"`warm_start` copies the fast expert into the new slow one: `fast_rank` ({self.fast_rank}) and "
                 f"`slow_rank` ({self.slow_rank}) must be equal."
             )
-        if self.dream and self.method != "sleep":
-            raise ValueError("`dream: true` needs `method: sleep` (dreams train the expert a sleep unlocks).")
         if self.hub_model_id is not None:
             from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -443,6 +435,38 @@ class SleepConfig:
                 raise ValueError(
                     f"`memory_layers` must be 'all' or comma-separated layer indices, got {self.memory_layers!r}."
                 ) from None
+
+    def _check_sleep_variants(self) -> None:
+        """What each variant of the sleep (no expansion, router loss, dreaming, the new session's share) needs."""
+        if not self.expansion:
+            given = {**CONSOLIDATION_DEFAULTS, **self.consolidation_args}
+            if self.method != "sleep" or self.wake != "fast":
+                raise ValueError("`expansion: false` is an ablation of sleep: it needs `method: sleep` and `wake: fast`.")
+            for name in ("lmbda", "router_loss_weight"):
+                if float(given.get(name, 0.0) or 0.0) != 0.0:
+                    raise ValueError(
+                        f"`expansion: false` needs `consolidation_args.{name}: 0.0` (got {given[name]}): without a new "
+                        "expert the model before the sleep is no view of the student, only a teacher cache filled "
+                        "before the first step."
+                    )
+        if self.slow_gate != "sigmoid" and float(self.consolidation_args.get("router_loss_weight", 0.0) or 0.0) > 0:
+            raise ValueError(
+                "`consolidation_args.router_loss_weight` trains the new slow expert's router, but `slow_gate` is "
+                f"{self.slow_gate!r}: set `slow_gate: sigmoid` or `consolidation_args.router_loss_weight: 0.0`."
+            )
+        if self.dream and self.method != "sleep":
+            raise ValueError("`dream: true` needs `method: sleep` (dreams train the expert a sleep unlocks).")
+        share = self.new_prompt_share
+        if share is not None and (isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share < 1):
+            raise ValueError(
+                f"`new_prompt_share` must be a number strictly between 0 and 1 (the least share of a sleep's rows that "
+                f"are the new session's), or unset; got {share!r}."
+            )
+        if self.new_prompt_share is not None and self.method != "sleep":
+            raise ValueError(
+                f"`new_prompt_share` sets the new session's share of a sleep's rows; `method: {self.method}` does not "
+                "sleep. Use `method: sleep` or leave `new_prompt_share` unset."
+            )
 
     def _check_section(self, section: str) -> None:
         """Unknown or cycle-set keys are refused by name; values are validated by the trainer's own config."""

@@ -312,7 +312,7 @@ class SleepCycle:
         data = consolidation_prompts(
             self.stream, k, cfg.replay_prompts, seed, with_context=in_context, tokenizer=self.tokenizer,
             system_prompt=self.system_prompt, document_prompts=self._document_prompts(k),
-            replay_document_prompts=self.replay_document_prompts,
+            replay_document_prompts=self.replay_document_prompts, new_share=cfg.new_prompt_share,
         )
         fields = {
             **cfg.phase_fields("consolidation_args"), "use_cpu": not torch.cuda.is_available(),

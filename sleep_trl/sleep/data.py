@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import re
 
@@ -108,6 +109,7 @@ def consolidation_prompts(
     system_prompt: str | None = None,
     document_prompts: int = 0,
     replay_document_prompts: int = 4,
+    new_share: float | None = None,
 ) -> Dataset:
     """Prompts (rendered strings) for consolidating session `k`: its own (`session_prompts`), plus
     `replay_per_session` of every earlier session (its training questions, or, for a documents-only session, its
@@ -118,6 +120,10 @@ def consolidation_prompts(
     (the knowledge is in the teacher's context, not in its weights); replayed rows keep the bare prompt. Replayed
     rows are marked `replay`: the trainer teaches them from the long-term memory as it was before this sleep, not
     from the awake model, whose fast memory may have overwritten the old answers.
+
+    With `new_share`, the session's own rows are repeated (the fewest whole times) until they make at least that
+    share of the rows, so that a sleep late in a long stream, whose replayed rows grow with every earlier session,
+    still spends that share of its batches on what it is there to consolidate.
     """
     rows = []
 
@@ -130,10 +136,18 @@ def consolidation_prompts(
     for item in session_prompts(stream.sessions[k], document_prompts):
         teacher = render(item, item["context"]) if with_context and item["context"] else render(item)
         rows.append({"prompt": render(item), "teacher_prompt": teacher, "replay": False})
-    for item in replay_items(stream, k, replay_per_session, seed, replay_document_prompts):
-        rows.append({"prompt": render(item), "teacher_prompt": render(item), "replay": True})
+    replayed = [{"prompt": render(item), "teacher_prompt": render(item), "replay": True}
+                for item in replay_items(stream, k, replay_per_session, seed, replay_document_prompts)]
+    rows = rows * new_row_repeats(len(rows), len(replayed), new_share) + replayed
     data = Dataset.from_list(rows)
     return data if with_context else data.remove_columns("teacher_prompt")
+
+
+def new_row_repeats(num_new: int, num_replayed: int, share: float | None) -> int:
+    """How often each new row is repeated so that new rows make at least `share` of all rows (1 without a share)."""
+    if share is None or num_new == 0 or num_replayed == 0:
+        return 1
+    return max(1, math.ceil(share * num_replayed / ((1.0 - share) * num_new) - 1e-9))
 
 
 def length_grouped_order(lengths: list[int], num_rows: int, batch_size: int, seed: int) -> list[int]:

@@ -118,7 +118,8 @@ class GeneralizedDistillationConfig(DistillationConfig):
             teacher forward per batch.
         teacher_samples_per_prompt (`int` or `None`, *optional*, defaults to `None`):
             Cached samples per distinct prompt; `None`: as many as the schedule draws the prompt (the number of
-            epochs `max_steps` covers), so no sample is used twice.
+            epochs `max_steps` covers, times the rows the prompt fills when the dataset repeats it), so no sample is
+            used twice.
         teacher_cache_batch_size (`int`, *optional*, defaults to `64`):
             Prompts per batched `generate`/forward call while filling the cache.
         replay_column (`str`, *optional*, defaults to `"replay"`):

@@ -80,15 +80,15 @@ def row_key(prompt_ids, teacher_prompt_ids, replay: bool) -> Key:
     return (tuple(prompt_ids), None if teacher_prompt_ids is None else tuple(teacher_prompt_ids), bool(replay))
 
 
-def samples_per_prompt(trainer, num_prompts: int) -> int:
-    """How often the run draws each prompt at most: the epochs its schedule covers (TRL's sampler permutes the whole
-    dataset once per epoch)."""
+def samples_per_prompt(trainer, num_rows: int, copies: int = 1) -> int:
+    """How often the run draws a prompt that fills `copies` of the dataset's `num_rows` rows, at most: the epochs
+    its schedule covers times `copies` (TRL's sampler permutes the whole dataset once per epoch)."""
     args = trainer.args
     if args.teacher_samples_per_prompt is not None:
         return args.teacher_samples_per_prompt
     per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * trainer.accelerator.num_processes
-    steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * num_prompts / per_step)
-    return max(1, math.ceil(steps * per_step / max(num_prompts, 1)))
+    steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * num_rows / per_step)
+    return max(1, math.ceil(steps * per_step * copies / max(num_rows, 1)))
 
 
 def _shard(items: list, trainer) -> list:
@@ -116,11 +116,13 @@ def build_teacher_cache(trainer, rows: list[dict]) -> TeacherCache:
     )
     replay = [bool(r.get(args.replay_column) or False) for r in rows]
     distinct: dict[Key, int] = {}
+    copies: Counter = Counter()  # a prompt repeated in the dataset (`new_prompt_share`) is drawn that much more
     for i in range(len(rows)):
         key = row_key(prompt_ids[i], None if teacher_prompt_ids is None else teacher_prompt_ids[i], replay[i])
         distinct.setdefault(key, i)
-    per_prompt = 1 if not args.seq_kd else samples_per_prompt(trainer, len(rows))
-    items = [(key, s) for key in distinct for s in range(per_prompt)]
+        copies[key] += 1
+    items = [(key, s) for key in distinct
+             for s in range(samples_per_prompt(trainer, len(rows), copies[key]) if args.seq_kd else 1)]
     rng = random.Random(args.seed * 7919 + 17)
     assignment = trainer.teachers.assign(len(items), rng)
     capture = args.teacher_cache_hidden_states and args.seq_kd and trainer.teachers.can_capture_hidden
