@@ -249,7 +249,9 @@ class SleepConfig:
             (whole times, the fewest that reach the share) to get there. `None` keeps one row per prompt, so that the
             new session's share falls as replayed prompts accumulate (with `replay_prompts: 48` and 54 prompts per
             session: 100% in the first sleep, 14% in the eighth). With `max_steps` unset, the sleep's epochs count
-            the repeated rows.
+            the repeated rows. Measured over 8 sessions of the main job with the router term (README, seed 0): 0.5
+            raised the diagonal from 0.65 to 0.88 and the average from 0.43 to 0.58, but BWT fell from -0.26 to
+            -0.34 (the replayed sessions get fewer rows).
         dream (`bool`, defaults to `False`):
             Run `DreamTrainer` on the session's contexts after consolidation (costly on a CPU: one LoRA inner loop
             per kept dream). Each step dreams on one of the session's documents (its dreams are the group); tau is
@@ -462,7 +464,7 @@ class SleepConfig:
                 f"`new_prompt_share` must be a number strictly between 0 and 1 (the least share of a sleep's rows that "
                 f"are the new session's), or unset; got {share!r}."
             )
-        if self.new_prompt_share is not None and self.method != "sleep":
+        if share is not None and self.method != "sleep":
             raise ValueError(
                 f"`new_prompt_share` sets the new session's share of a sleep's rows; `method: {self.method}` does not "
                 "sleep. Use `method: sleep` or leave `new_prompt_share` unset."
