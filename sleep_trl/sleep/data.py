@@ -147,6 +147,8 @@ def new_row_repeats(num_new: int, num_replayed: int, share: float | None) -> int
     """How often each new row is repeated so that new rows make at least `share` of all rows (1 without a share)."""
     if share is None or num_new == 0 or num_replayed == 0:
         return 1
+    # r new copies give r * n / (r * n + m) >= share  <=>  r >= share * m / ((1 - share) * n); the epsilon keeps a
+    # ratio that is whole up to rounding (0.5 * 54 / (0.5 * 54)) from being rounded up to the next repeat
     return max(1, math.ceil(share * num_replayed / ((1.0 - share) * num_new) - 1e-9))
 
 
