@@ -143,6 +143,15 @@ def test_fields_the_cycle_sets_and_bad_values_are_refused_by_section_and_name():
     assert config.new_prompt_share == 0.5
 
 
+
+def test_memory_layers_take_indices_and_inclusive_ranges():
+    for spec, layers in (("all", "all"), ("0,2,4", [0, 2, 4]), ("10-12", [10, 11, 12]), ("0, 3-4", [0, 3, 4])):
+        _, _, (config,) = parse_recipe(SLEEP_TINY, ["--memory_layers", spec])
+        assert config.layers == layers
+    for bad in ("5-3", "top", "1-x"):
+        with pytest.raises(RecipeError, match=rf"`memory_layers` must be 'all' or .*ranges.*{bad}"):
+            parse_recipe(SLEEP_TINY, ["--memory_layers", bad])
+
 def test_yaml_syntax_error_is_a_recipe_error(tmp_path):
     broken = tmp_path / "broken.yaml"
     broken.write_text("job: sleep\nnum_sessions: [3\n")

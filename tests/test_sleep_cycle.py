@@ -250,6 +250,24 @@ def test_wake_batches_group_texts_of_similar_length():
     assert grouped < 1.2 and padded(shuffled) / sum(lengths) > grouped + 0.2
 
 
+def test_the_wake_serves_the_layers_below_the_memory_from_the_frozen_trunk_and_learns_the_same(tmp_path):
+    """With the memory in the top layer only, the wake's later epochs take layer 0's output from the cache, and the
+    fast expert it learns is the one the full forward learns (to 1e-5); `frozen_trunk: false` runs it in full."""
+    runs = {}
+    for trunk in ("true", "false"):
+        config = tiny_config(tmp_path / trunk, "--num_sessions", "1", "--memory_layers", "1",
+                             "--wake_args.num_train_epochs", "3", "--frozen_trunk", trunk)
+        runs[trunk] = run_cycle(config)
+    wake = {t: next(p for p in r["phases"] if p["phase"] == "wake") for t, r in runs.items()}
+    steps, texts = wake["true"]["metrics"]["steps"], wake["true"]["metrics"]["texts"]
+    assert wake["true"]["metrics"]["trunk_served_rows"] == steps * 8 - texts  # all but the first sight of each text
+    assert "trunk_served_rows" not in wake["false"]["metrics"]
+    learnt = {t: memory_tensors(tmp_path / t / "checkpoints/s0-wake") for t in runs}
+    assert learnt["true"].keys() == learnt["false"].keys()
+    for name, tensor in learnt["false"].items():
+        torch.testing.assert_close(learnt["true"][name], tensor, atol=1e-5, rtol=1e-5)
+
+
 def test_replay_arm_rehearses_earlier_sessions_answered_by_the_model(tmp_path, monkeypatch):
     """`method: replay`: from session 1 on, the wake also learns `replay_prompts` questions of each earlier session
     with the answers the model gave right before the session (or, `replay_source: stored`, the stored ones)."""
@@ -417,6 +435,42 @@ def test_without_expansion_the_teacher_is_the_model_before_the_sleep(monkeypatch
             assert not torch.allclose(sample.hidden[0], student, atol=1e-3)  # the student moved; its teacher not
             checked[replay] += 1
     assert checked == {False: 6, True: 6}  # 2 prompts of each kind x 3 samples (the 3 steps cover 3 epochs)
+
+
+def test_a_sleep_reads_the_teachers_samples_through_the_frozen_trunk_and_learns_the_same(tmp_path, tiny_dir,
+                                                                                      tiny_tokenizer):
+    """With the memory in the top layer, every distillation row (a prompt and a cached teacher sample, new and
+    replayed rows alike) is served from the states recorded while the teacher wrote it: the student never runs
+    layer 0 in training, and the new expert ends where the full forward takes it (to 1e-5)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    from sleep_trl.memory import LevelConfig, MemoryConfig, attach_memory
+    from sleep_trl.sleep.consolidation import consolidate, consolidation_fields
+
+    model_dir = tiny_dir("trunk_sleep", arch="llama", seed=6)
+    texts = [f"Tell me about the river number {i}." for i in range(6)]
+    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": t}] for t in texts],
+                              "replay": [False, True, False, True, False, False]})
+    learnt, results = {}, {}
+    for trunk in (True, False):
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        mem = attach_memory(model, MemoryConfig(layers=[1], levels=[
+            LevelConfig("fast", num_slots=1, rank=4, gate="fixed"), LevelConfig("slow", num_slots=2, rank=4)]))
+        mem.freeze_all_but(mem.expand("fast"))
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(0)
+            for p in mem.parameters("fast"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        args = consolidation_fields({"output_dir": str(tmp_path / str(trunk)), "use_cpu": True, "max_steps": 3,
+                                     "per_device_train_batch_size": 4, "max_completion_length": 6,
+                                     "learning_rate": 5e-2, "seed": 0, "logging_steps": 1})
+        results[trunk] = consolidate(model, tiny_tokenizer, data, args, frozen_trunk=trunk)
+        learnt[trunk] = [p.detach().clone() for p in mem.parameters("slow", slots=[0])]
+    assert results[True].trunk_served_rows == 3 * 4  # every training row, none computed again
+    assert results[False].trunk_served_rows is None
+    for a, b in zip(learnt[False], learnt[True]):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
 
 
 def test_router_loss_acts_from_the_first_sleep_with_replayed_rows(tmp_path):

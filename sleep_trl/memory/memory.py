@@ -35,6 +35,7 @@ from .experts import ExpertBank, MemoryBlock, MemoryState
 from .host import detect_mlp_form, find_decoder_layers, text_config
 from .persistence import MEMORY_CONFIG_NAME, MEMORY_WEIGHTS_NAME, read_memory_meta
 from .schedule import LevelSchedule
+from .trunk import FrozenTrunk
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -336,6 +337,12 @@ class ContinuumMemory:
             yield gen
         finally:
             self.state.generator = previous
+
+    def frozen_trunk(self, max_megabytes: float = 1024.0, last_position_unused: bool = False) -> FrozenTrunk:
+        """A context in which the decoder layers below the memory's lowest layer are served from a per-text cache
+        while nothing below it learns (`trunk.py`): a phase that re-reads its texts, or trains on what the model just
+        generated, pays for those layers once. Exact; a no-op when the memory starts at layer 0."""
+        return FrozenTrunk(self.model, self.layers[0], max_megabytes, last_position_unused)
 
     def freeze_all_but(self, names: Iterable[str], root: nn.Module | None = None) -> int:
         """Set `requires_grad=True` on exactly the named parameters of `root` (default: the attached model) and

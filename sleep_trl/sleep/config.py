@@ -93,9 +93,24 @@ _NOT_RESULTS = {"report_to", "logging_steps", "logging_first_step", "disable_tqd
                 "logging_dir", "log_level", "logging_strategy", "log_completions"}
 
 
+def parse_layers(spec) -> list[int]:
+    """`"0,2,4"` or `"10-29"` (inclusive ranges, mixable: `"0,10-12"`) as a sorted list of layer indices."""
+    layers: set[int] = set()
+    for part in str(spec).split(","):
+        first, dash, last = part.strip().partition("-")
+        if dash and first:
+            lo, hi = int(first), int(last)
+            if hi < lo:
+                raise ValueError(f"empty layer range {part!r}")
+            layers.update(range(lo, hi + 1))
+        else:
+            layers.add(int(part))
+    return sorted(layers)
+
+
 # Fields of the sleep config itself that do not change what a run computes.
-_NOT_IDENTITY = ("output_dir", "torch_threads", "report_to", "run_name", "push_to_hub", "hub_model_id",
-                 "hub_private_repo")
+_NOT_IDENTITY = ("output_dir", "torch_threads", "frozen_trunk", "report_to", "run_name", "push_to_hub",
+                 "hub_model_id", "hub_private_repo")
 
 
 class SectionError(SleepTrlError):
@@ -168,6 +183,12 @@ class SleepConfig:
         torch_threads (`int` or `None`, defaults to `None`):
             CPU threads for torch. `None`: every core available to a single process (`accelerate launch` exports
             `OMP_NUM_THREADS=1`, which would halve the speed on 2 cores).
+        frozen_trunk (`bool`, defaults to `True`):
+            Serve the frozen decoder layers below the memory's lowest layer (`memory_layers`) from a cache
+            (`sleep_trl.memory.FrozenTrunk`): in a wake each epoch after the first skips them; in a sleep the student
+            reads the teacher's samples with the states recorded while they were generated. Exact (same loss and
+            gradients to float rounding), so not part of the run's identity; a no-op when the memory starts at layer
+            0, and off under DeepSpeed or FSDP. `false` only to measure what it saves.
 
         > Data: the stream of new knowledge (`sleep_trl.data.sessions`)
 
@@ -189,7 +210,8 @@ class SleepConfig:
         > Memory (continuum memory attached to the model)
 
         memory_layers (`str`, defaults to `"all"`):
-            Decoder layers that get a memory: `"all"` or comma-separated indices (`"0,2,4"`).
+            Decoder layers that get a memory: `"all"`, or comma-separated indices and inclusive ranges (`"0,2,4"`,
+            `"10-29"`). Layers below the lowest one are frozen and memory-free, so `frozen_trunk` skips them.
         fast_rank (`int`, defaults to `16`), slow_rank (`int`, defaults to `16`):
             Rank of the fast expert (wake memory) and of each slow expert (one is unlocked per sleep).
         slow_slots (`int` or `None`, defaults to `None`):
@@ -315,6 +337,9 @@ class SleepConfig:
     output_dir: str = field(default="outputs/sleep", metadata={"help": "Run directory (resumable, never overwritten)."})
     seed: int = field(default=0, metadata={"help": "Seed of the world and of every phase."})
     torch_threads: int | None = field(default=None, metadata={"help": "CPU threads for torch."})
+    frozen_trunk: bool = field(
+        default=True, metadata={"help": "Serve the frozen layers below the memory from a cache (exact)."}
+    )
     # data
     dataset_name: str | None = field(
         default=None, metadata={"help": "None/'world', a SQuAD JSON file, or a table with a `session` column."}
@@ -327,7 +352,7 @@ class SleepConfig:
     passages_per_session: int = field(default=4, metadata={"help": "SQuAD paragraphs per session."})
     squad_train_questions: int = field(default=0, metadata={"help": "SQuAD questions per paragraph trained on."})
     # memory
-    memory_layers: str = field(default="all", metadata={"help": "'all' or comma-separated layer indices."})
+    memory_layers: str = field(default="all", metadata={"help": "'all', or layer indices and ranges ('10-29')."})
     fast_rank: int = field(default=16, metadata={"help": "Rank of the fast expert."})
     slow_rank: int = field(default=16, metadata={"help": "Rank of each slow expert."})
     slow_slots: int | None = field(default=None, metadata={"help": "Slow experts pre-allocated (None: sessions)."})
@@ -432,10 +457,11 @@ class SleepConfig:
                 raise ValueError(f"`hub_model_id` is not a Hub repository name ('user/name' or 'name'): {err}") from None
         if self.memory_layers != "all":
             try:
-                [int(x) for x in str(self.memory_layers).split(",")]
+                parse_layers(self.memory_layers)
             except ValueError:
                 raise ValueError(
-                    f"`memory_layers` must be 'all' or comma-separated layer indices, got {self.memory_layers!r}."
+                    f"`memory_layers` must be 'all' or comma-separated layer indices and ranges ('10-29', '0,2,4'), "
+                    f"got {self.memory_layers!r}."
                 ) from None
 
     def _check_sleep_variants(self) -> None:
@@ -521,7 +547,7 @@ class SleepConfig:
     # ---- identity of a run ----------------------------------------------------------------------------------------
     @property
     def layers(self):
-        return "all" if self.memory_layers == "all" else [int(x) for x in str(self.memory_layers).split(",")]
+        return "all" if self.memory_layers == "all" else parse_layers(self.memory_layers)
 
     def to_dict(self) -> dict:
         return asdict(self)

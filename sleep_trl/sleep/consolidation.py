@@ -91,10 +91,11 @@ class ConsolidationResult:
     prompts: int
     distill_loss_last: float | None = None
     router_loss_last: float | None = None
+    trunk_served_rows: int | None = None  # rows whose lower layers came from the frozen trunk (None: no trunk)
 
     def metrics(self) -> dict:
         out = {"steps": self.steps, "train_loss": round(self.train_loss, 4), "prompts": self.prompts}
-        for name in ("distill_loss_last", "router_loss_last"):
+        for name in ("distill_loss_last", "router_loss_last", "trunk_served_rows"):
             if getattr(self, name) is not None:
                 out[name] = round(getattr(self, name), 4)
         return out
@@ -112,6 +113,7 @@ def consolidate(
     expand: bool = True,
     optimizer=None,
     callbacks=None,
+    frozen_trunk: bool = True,
 ) -> ConsolidationResult:
     """Consolidate the fast level of `model`'s continuum memory into a new expert of `slow_level`.
 
@@ -134,6 +136,7 @@ def consolidate(
             on`), which needs off-policy batches only (`lmbda: 0`).
         optimizer: the wake's optimizer, whose state for the pruned fast slot is dropped.
         callbacks: trainer callbacks (e.g. rich progress).
+        frozen_trunk: the student reads the teacher's samples through the memory's frozen trunk (`FrozenTrunk`).
     """
     memory = find_memory(model)
     if memory is None:
@@ -159,7 +162,7 @@ def consolidate(
     trainer = GeneralizedDistillationTrainer(
         model=model, args=config, train_dataset=prompts, processing_class=tokenizer, callbacks=callbacks, **views
     )
-    result = quiet_trainer(trainer).train()
+    result, trunk = _train(trainer, memory, frozen_trunk)
     if config.max_steps > 0 and trainer.state.global_step < config.max_steps:
         raise RuntimeError(
             f"The sleep ran {trainer.state.global_step} of its {config.max_steps} consolidation steps: the prompt "
@@ -171,13 +174,22 @@ def consolidate(
     logs = [h for h in trainer.state.log_history if "distill/loss" in h]
     router = [h["router/loss"] for h in trainer.state.log_history if "router/loss" in h]
     return ConsolidationResult(
-        slot=memory.unlocked(slow_level) - 1,
-        steps=trainer.state.global_step,
-        train_loss=mean_over_processes(result.training_loss),
-        prompts=len(prompts),
+        slot=memory.unlocked(slow_level) - 1, steps=trainer.state.global_step,
+        train_loss=mean_over_processes(result.training_loss), prompts=len(prompts),
         distill_loss_last=logs[-1]["distill/loss"] if logs else None,
         router_loss_last=router[-1] if router else None,
+        trunk_served_rows=None if trunk is None or trunk.disabled else trunk.served_rows,
     )
+
+
+def _train(trainer, memory, frozen_trunk: bool):
+    """Run the sleep's trainer, through the memory's frozen trunk unless told not to or sharded (DeepSpeed, FSDP).
+    Distillation never reads the output at a row's last token (it predicts past the row), the one position whose
+    states a generation does not record."""
+    sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
+    trunk = memory.frozen_trunk(last_position_unused=True) if frozen_trunk and not sharded else None
+    with trunk or contextlib.nullcontext():
+        return quiet_trainer(trainer).train(), trunk
 
 
 def _retrain_newest(memory, slow_level: str, fast_level: str | None, args: Mapping) -> list[str]:

@@ -302,7 +302,14 @@ class SleepCycle:
             args.train_sampling_strategy = "sequential"
         trainer = SFTTrainer(model=self.model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
                              processing_class=self.tokenizer, callbacks=self._callbacks())
-        result = quiet_trainer(trainer).train()
+        # The wake reads its texts once per epoch: the frozen layers below the memory run once per text (exact; a
+        # no-op with a memory in every layer). Not under DeepSpeed/FSDP, whose processes must gather in step.
+        sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
+        trunk = mem.frozen_trunk() if cfg.frozen_trunk and not sharded else None
+        with trunk or contextlib.nullcontext():
+            result = quiet_trainer(trainer).train()
+        if trunk is not None and not trunk.disabled:
+            metrics["trunk_served_rows"] = trunk.served_rows  # rows whose lower layers came from the cache
         release_engine(trainer)
         return {**metrics, "train_loss": round(mean_over_processes(result.training_loss), 4)}, True
 
@@ -321,7 +328,7 @@ class SleepCycle:
         }
         result = consolidate(
             self.model, self.tokenizer, data, fields, fast_level=None if in_context else "fast",
-            warm_start=cfg.warm_start, expand=cfg.expansion, callbacks=self._callbacks(),
+            warm_start=cfg.warm_start, expand=cfg.expansion, callbacks=self._callbacks(), frozen_trunk=cfg.frozen_trunk,
         )
         return result.metrics(), True
 

@@ -33,7 +33,7 @@ from trl.trainer.utils import create_model_from_path, pad
 
 from ..assets import resolve_model_path
 from ..generation.vllm_cpu import TeacherEngine
-from ..memory import find_memory
+from ..memory import FrozenTrunk, find_memory
 from .generalized_distillation_objective import logit_scale_of
 
 
@@ -366,10 +366,15 @@ class TeacherSet:
             unwrapped.eval()
             captured: list[torch.Tensor] = []
             handle = backbone_of(unwrapped).register_forward_hook(_capture_into(captured)) if capture_hidden else None
+            # A frozen trunk serving this model keeps the lower layers' states of the samples: the student's forward
+            # over them then skips those layers (rows stay in order without beam search).
+            beams = getattr(trainer.generation_config, "num_beams", None) or 1
+            trunk = FrozenTrunk.active_for(unwrapped) if beams == 1 else None
             try:
-                out = unwrapped.generate(
-                    input_ids=input_ids, attention_mask=attention_mask, generation_config=trainer.generation_config
-                )
+                with trunk.recording() if trunk is not None else contextlib.nullcontext():
+                    out = unwrapped.generate(
+                        input_ids=input_ids, attention_mask=attention_mask, generation_config=trainer.generation_config
+                    )
             finally:
                 unwrapped.train(was_training)
                 if handle is not None:
