@@ -182,12 +182,18 @@ def consolidate(
     )
 
 
+def frozen_trunk_for(trainer, memory, enabled: bool, **kwargs):
+    """The memory's frozen trunk for a phase's trainer, or None: turned off, or sharded (DeepSpeed, FSDP), whose
+    processes must run every layer in step."""
+    if not enabled or trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        return None
+    return memory.frozen_trunk(**kwargs)
+
+
 def _train(trainer, memory, frozen_trunk: bool):
-    """Run the sleep's trainer, through the memory's frozen trunk unless told not to or sharded (DeepSpeed, FSDP).
-    Distillation never reads the output at a row's last token (it predicts past the row), the one position whose
-    states a generation does not record."""
-    sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
-    trunk = memory.frozen_trunk(last_position_unused=True) if frozen_trunk and not sharded else None
+    """Run the sleep's trainer through the memory's frozen trunk. Distillation never reads the output at a row's last
+    token (it predicts past the row), the one position whose states a generation does not record."""
+    trunk = frozen_trunk_for(trainer, memory, frozen_trunk, last_position_unused=True)
     with trunk or contextlib.nullcontext():
         return quiet_trainer(trainer).train(), trunk
 

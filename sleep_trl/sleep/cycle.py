@@ -34,7 +34,7 @@ from ..trainers.dream_trainer import DreamTrainer
 from .baselines import dream_texts, rehearsal_texts
 from .config import SleepConfig
 from .console import quiet_libraries, quiet_trainer
-from .consolidation import consolidate
+from .consolidation import consolidate, frozen_trunk_for
 from .data import consolidation_prompts, length_grouped_order, wake_texts
 from .guards import DivergenceGuard, RunLock, check_finite
 from .ledger import Ledger, PhaseRecord
@@ -303,9 +303,8 @@ class SleepCycle:
         trainer = SFTTrainer(model=self.model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
                              processing_class=self.tokenizer, callbacks=self._callbacks())
         # The wake reads its texts once per epoch: the frozen layers below the memory run once per text (exact; a
-        # no-op with a memory in every layer). Not under DeepSpeed/FSDP, whose processes must gather in step.
-        sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
-        trunk = mem.frozen_trunk() if cfg.frozen_trunk and not sharded else None
+        # no-op with a memory in every layer).
+        trunk = frozen_trunk_for(trainer, mem, cfg.frozen_trunk)
         with trunk or contextlib.nullcontext():
             result = quiet_trainer(trainer).train()
         if trunk is not None and not trunk.disabled:
