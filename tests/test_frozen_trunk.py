@@ -41,10 +41,10 @@ def right_padded(lengths, vocab, pad=0, seed=0, left=False):
     return ids, mask
 
 
-def loss_and_grads(model, mem, ids, mask):
+def loss_and_grads(model, ids, mask, **forward_kwargs):
     labels = ids.masked_fill(mask == 0, -100)
     model.zero_grad()
-    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, **forward_kwargs)
     out.loss.backward()
     grads = {id(p): p.grad.clone() for p in model.parameters() if p.grad is not None}
     return out.loss.detach(), out.logits.detach(), grads
@@ -65,11 +65,11 @@ def test_cached_rows_give_the_full_forwards_loss_logits_and_gradients(tiny_token
     model, mem = memory_model(tiny_tokenizer, arch)
     model.train()
     ids, mask = right_padded([9, 5, 7], len(tiny_tokenizer))
-    reference = loss_and_grads(model, mem, ids, mask)
+    reference = loss_and_grads(model, ids, mask)
     with mem.frozen_trunk() as trunk:
-        first = loss_and_grads(model, mem, ids, mask)
+        first = loss_and_grads(model, ids, mask)
         assert trunk.layer_runs == 1 and len(trunk.cache) == 3  # one capture pass for the three new texts
-        second = loss_and_grads(model, mem, ids, mask)
+        second = loss_and_grads(model, ids, mask)
         assert trunk.layer_runs == 1 and trunk.served_rows == 3  # the second epoch never ran layers 0-1
     assert_same(reference, first, mask)
     assert_same(reference, second, mask)
@@ -87,11 +87,11 @@ def test_a_batch_of_seen_and_new_texts_captures_only_the_new_ones(tiny_tokenizer
     mixed_mask = torch.zeros((3, width), dtype=torch.long)
     mixed_ids[0, :6], mixed_mask[0, :6] = ids[0, :6], 1
     mixed_ids[1:, :], mixed_mask[1:, :] = more_ids, more_mask
-    reference = loss_and_grads(model, mem, mixed_ids, mixed_mask)
+    reference = loss_and_grads(model, mixed_ids, mixed_mask)
     with mem.frozen_trunk() as trunk:
-        loss_and_grads(model, mem, ids, mask)
+        loss_and_grads(model, ids, mask)
         seen = set(trunk.cache)
-        got = loss_and_grads(model, mem, mixed_ids, mixed_mask)
+        got = loss_and_grads(model, mixed_ids, mixed_mask)
         assert trunk.layer_runs == 2 and len(trunk.cache) == 4 and seen < set(trunk.cache)
     assert_same(reference, got, mixed_mask)
 
@@ -103,10 +103,10 @@ def test_left_padded_rows_are_served_from_states_computed_unpadded(tiny_tokenize
     model, mem = memory_model(tiny_tokenizer, arch)
     right_ids, right_mask = right_padded([9, 5], len(tiny_tokenizer))
     left_ids, left_mask = right_padded([9, 5], len(tiny_tokenizer), left=True)
-    reference = loss_and_grads(model, mem, left_ids, left_mask)
+    reference = loss_and_grads(model, left_ids, left_mask)
     with mem.frozen_trunk() as trunk:
-        loss_and_grads(model, mem, right_ids, right_mask)
-        got = loss_and_grads(model, mem, left_ids, left_mask)
+        loss_and_grads(model, right_ids, right_mask)
+        got = loss_and_grads(model, left_ids, left_mask)
         assert trunk.layer_runs == 1 and trunk.served_rows == 2
     assert_same(reference, got, left_mask)
 
@@ -122,17 +122,9 @@ def test_layouts_it_cannot_serve_run_in_full_and_stay_exact(tiny_tokenizer, case
     kwargs = {"max_megabytes": 0} if case == "no_budget" else {}
     forward_kwargs = {"position_ids": torch.arange(7).expand(2, 7) + 1} if case == "shifted_positions" else {}
 
-    def run():
-        labels = ids.masked_fill(mask == 0, -100)
-        model.zero_grad()
-        out = model(input_ids=ids, attention_mask=mask, labels=labels, **forward_kwargs)
-        out.loss.backward()
-        return out.loss.detach(), out.logits.detach(), {id(p): p.grad.clone() for p in model.parameters()
-                                                        if p.grad is not None}
-
-    reference = run()
+    reference = loss_and_grads(model, ids, mask, **forward_kwargs)
     with mem.frozen_trunk(**kwargs) as trunk:
-        got = [run(), run()]
+        got = [loss_and_grads(model, ids, mask, **forward_kwargs) for _ in range(2)]
         assert trunk.layer_runs == 2 and not trunk.cache  # every forward ran the bottom layers
     for g in got:
         assert_same(reference, g, mask)
@@ -256,13 +248,13 @@ def test_a_backbone_that_changes_its_inputs_embeds_is_served_exactly(tiny_tokeni
             p.normal_(0, 0.1)
     ids, mask = right_padded([8, 5], len(tiny_tokenizer))
     left_ids, left_mask = right_padded([8, 5], len(tiny_tokenizer), left=True)
-    reference = loss_and_grads(model, mem, ids, mask)
-    left_reference = loss_and_grads(model, mem, left_ids, left_mask)
+    reference = loss_and_grads(model, ids, mask)
+    left_reference = loss_and_grads(model, left_ids, left_mask)
     with mem.frozen_trunk() as trunk:
-        loss_and_grads(model, mem, ids, mask)
-        got = loss_and_grads(model, mem, ids, mask)
+        loss_and_grads(model, ids, mask)
+        got = loss_and_grads(model, ids, mask)
         assert trunk.served_rows == 2 and trunk.layer_runs == 1
-        left = loss_and_grads(model, mem, left_ids, left_mask)
+        left = loss_and_grads(model, left_ids, left_mask)
         assert trunk.served_rows == 2 and trunk.layer_runs == 2
     assert_same(reference, got, mask)
     assert_same(left_reference, left, left_mask)

@@ -35,6 +35,7 @@ from typing import Self
 
 import torch
 from torch import nn
+from trl.trainer.utils import pad
 
 from .host import find_decoder_layers
 
@@ -246,12 +247,9 @@ class FrozenTrunk:
         """The states entering layer L for each token sequence, by the model's own layers (one right-padded pass)."""
         if not tokens:
             return []
-        width = max(len(t) for t in tokens)
         device = self.backbone.get_input_embeddings().weight.device
-        ids = torch.zeros(len(tokens), width, dtype=torch.long)
-        mask = torch.zeros(len(tokens), width, dtype=torch.long)
-        for i, t in enumerate(tokens):
-            ids[i, : len(t)], mask[i, : len(t)] = t, 1
+        ids = pad(tokens, padding_value=0, padding_side="right")
+        mask = pad([torch.ones_like(t) for t in tokens], padding_value=0, padding_side="right")
         seen: list[torch.Tensor] = []
 
         def stop(module, args, kwargs):
@@ -295,7 +293,7 @@ class FrozenTrunk:
         if cache.get_seq_length() == 0:  # a prefill: a new generate call starts
             self._finish_generation()
             mask = kwargs.get("attention_mask")
-            real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask[:, -ids.shape[1]:].bool()
+            real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
             gen["rows"] = [[ids[i, real[i]].cpu()] for i in range(ids.shape[0])]
             gen["real"] = real.cpu()
             gen["states"] = [[] for _ in range(ids.shape[0])]
