@@ -5,13 +5,22 @@ or interrupted: the fast expert that learned session 0) and runs the same consol
 run's `consolidation_args`, `--steps` steps) in every arm, interleaved (arm A, arm B, arm A, ...) so that background
 load falls on all of them alike:
 
-    before      `teacher_cache: off`, `imitation_prefix_sharing: false` (the teacher samples every batch token by
-                token, each imitation continuation reads its prefix again): the path before the fast-sleep work
-    after       the defaults (teacher samples, hidden states and imitation cuts once per sleep; shared prefixes)
+    before      `teacher_cache: off`, `imitation_prefix_sharing: false`, `teacher_shared_prefill: false`,
+                `teacher_sampling_rounds: off` (the teacher samples every batch token by token, each imitation
+                continuation reads its prefix again): the path before the fast-sleep work
+    plain-fill  the teacher cache, but its fill runs one `generate` over every copy of a prompt until the longest
+                row of the batch ends (`teacher_shared_prefill: false`, `teacher_sampling_rounds: off`)
+    shared      the fill reads each distinct prompt once (`teacher_sampling_rounds: off`)
+    after       the defaults (teacher samples, hidden states and imitation cuts once per sleep, each prompt read
+                once however often it is sampled, rows sampled in rounds that drop the ended ones; shared
+                imitation prefixes)
 
-each at `alpha: 1` (distillation only) and at `alpha: 0.5` (the Learning-to-Imitate term on, MiniLM judge). Prints
-the one-time teacher-cache fill, seconds per step, the projected time of a 40-step sleep and the ratios:
-consolidation speed-up (target >= 2x) and the Learning-to-Imitate cost over `alpha: 1` (target <= 2x).
+each at `alpha: 1` (distillation only) and at `alpha: 0.5` (the Learning-to-Imitate term on, MiniLM judge) unless
+`--arms`/`--alphas` pick fewer. The teacher cache is filled for the whole sleep the figures project to
+(`--sleep_steps`, default the recipe's `max_steps`: each prompt sampled as often as that sleep draws it, 6 times in
+session 0 of the main job) while only `--steps` steps are trained. Prints the one-time teacher-cache fill, seconds
+per step, the projected time of the sleep and the ratios: consolidation speed-up (target >= 2x), the fill's
+speed-up from the shared prefill and the rounds, and the Learning-to-Imitate cost over `alpha: 1` (target <= 2x).
 
     sleep-trl recipes/sleep.yaml --num_sessions 1 --output_dir outputs/bench-awake    # once: an awake model
     python benchmarks/sleep_speed.py --run outputs/bench-awake --steps 6 --repeats 2 -- --num_sessions 1
@@ -24,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -48,7 +58,10 @@ from sleep_trl.sleep.cycle import load_config_stream  # noqa: E402
 from sleep_trl.sleep.data import consolidation_prompts  # noqa: E402
 
 ARMS = {
-    "before": {"teacher_cache": "off", "imitation_prefix_sharing": False},
+    "before": {"teacher_cache": "off", "imitation_prefix_sharing": False, "teacher_shared_prefill": False,
+               "teacher_sampling_rounds": "off"},
+    "plain-fill": {"teacher_shared_prefill": False, "teacher_sampling_rounds": "off"},
+    "shared": {"teacher_sampling_rounds": "off"},
     "after": {},
 }
 
@@ -71,9 +84,10 @@ def awake_model(run: Path, config):
     return model, tokenizer
 
 
-def one_sleep(run, config, prompts, overrides, steps, seed, scratch) -> dict:
+def one_sleep(run, config, prompts, overrides, steps, seed, scratch, samples) -> dict:
     model, tokenizer = awake_model(run, config)
-    fields = {**config.phase_fields("consolidation_args"), **overrides, "max_steps": steps, "use_cpu": True,
+    fields = {**config.phase_fields("consolidation_args"), "teacher_samples_per_prompt": samples, **overrides,
+              "max_steps": steps, "use_cpu": True,
               "output_dir": str(scratch / "trainer"), "seed": seed, "report_to": "none", "logging_steps": 1}
     logs = Logs()
     t0 = time.perf_counter()
@@ -90,6 +104,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes/sleep.yaml")
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    parser.add_argument("--alphas", nargs="+", type=float, default=[1.0, 0.5])
+    parser.add_argument("--sleep_steps", type=int, default=None,
+                        help="the sleep to project to and fill the cache for (default: the recipe's max_steps)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -101,37 +119,47 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(config.model_name_or_path))
     prompts = consolidation_prompts(stream, 0, config.replay_prompts, config.seed, with_context=False,
                                     tokenizer=tokenizer, system_prompt=config.system_prompt)
-    runs = {(arm, alpha): [] for alpha in (1.0, 0.5) for arm in ARMS}
+    fields = config.phase_fields("consolidation_args")
+    sleep_steps = a.sleep_steps or fields["max_steps"]
+    samples = math.ceil(sleep_steps * fields["per_device_train_batch_size"] / len(prompts))
+    runs = {(arm, alpha): [] for alpha in a.alphas for arm in a.arms}
     for repeat in range(a.repeats):
         for (arm, alpha), seen in runs.items():
             with tempfile.TemporaryDirectory() as scratch:
                 seen.append(one_sleep(a.run, config, prompts, {**ARMS[arm], "alpha": alpha}, a.steps,
-                                      config.seed + repeat, Path(scratch)))
+                                      config.seed + repeat, Path(scratch), samples))
             print(f"[sleep_speed] {arm}, alpha {alpha}, repeat {repeat}: {seen[-1]}", flush=True)
     med = {key: {m: statistics.median(r[m] for r in rs) for m in ("total", "fill", "per_step")}
            for key, rs in runs.items()}
-    project = {key: v["fill"] + 40 * v["per_step"] for key, v in med.items()}
-    table = Table(title=f"session 0 consolidation, {len(prompts)} prompts, median of {a.repeats} (s)")
-    for col in ("arm", "alpha", "cache fill", "per step", "40-step sleep (projected)"):
+    project = {key: v["fill"] + sleep_steps * v["per_step"] for key, v in med.items()}
+    table = Table(title=f"session 0 consolidation, {len(prompts)} prompts x {samples} teacher samples, "
+                        f"median of {a.repeats} (s)")
+    for col in ("arm", "alpha", "cache fill", "per step", f"{sleep_steps}-step sleep (projected)"):
         table.add_column(col, justify="right")
     for (arm, alpha), v in med.items():
         table.add_row(arm, f"{alpha:g}", f"{v['fill']:.1f}", f"{v['per_step']:.2f}", f"{project[(arm, alpha)]:.0f}")
     console = Console()
     console.print(table)
-    ratios = {
-        "speed-up at alpha 1 (before / after)": project[("before", 1.0)] / project[("after", 1.0)],
-        "speed-up at alpha 0.5 (before / after)": project[("before", 0.5)] / project[("after", 0.5)],
-        "imitation cost per step, after (alpha 0.5 / alpha 1)": med[("after", 0.5)]["per_step"]
-        / med[("after", 1.0)]["per_step"],
-        "imitation cost per step, before (alpha 0.5 / alpha 1)": med[("before", 0.5)]["per_step"]
-        / med[("before", 1.0)]["per_step"],
-    }
+    ratios = {}
+    for alpha in a.alphas:
+        if ("before", alpha) in med and ("after", alpha) in med:
+            ratios[f"speed-up at alpha {alpha:g} (before / after)"] = project[("before", alpha)] / project[("after", alpha)]
+        for arm in ("plain-fill", "shared"):
+            if (arm, alpha) in med and ("after", alpha) in med:
+                ratios[f"teacher-cache fill at alpha {alpha:g} ({arm} / after)"] = (
+                    med[(arm, alpha)]["fill"] / med[("after", alpha)]["fill"])
+                ratios[f"sleep at alpha {alpha:g} ({arm} / after)"] = project[(arm, alpha)] / project[("after", alpha)]
+    for arm in a.arms:
+        if (arm, 0.5) in med and (arm, 1.0) in med:
+            ratios[f"imitation cost per step, {arm} (alpha 0.5 / alpha 1)"] = (
+                med[(arm, 0.5)]["per_step"] / med[(arm, 1.0)]["per_step"])
     for label, value in ratios.items():
         console.print(f"{label}: {value:.2f}x")
     if a.json:
         a.json.write_text(json.dumps({"median": {f"{k[0]}-{k[1]}": v for k, v in med.items()},
                                       "projected_40_steps": {f"{k[0]}-{k[1]}": v for k, v in project.items()},
-                                      "ratios": ratios, "steps": a.steps, "repeats": a.repeats}, indent=2))
+                                      "ratios": ratios, "steps": a.steps, "repeats": a.repeats,
+                                      "sleep_steps": sleep_steps, "teacher_samples_per_prompt": samples}, indent=2))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
+from sleep_trl.trainers import teachers as teachers_module
 from sleep_trl.trainers.generalized_distillation_config import GeneralizedDistillationConfig
 from sleep_trl.trainers.generalized_distillation_objective import (
     clipped_policy_loss,
@@ -461,9 +462,10 @@ def test_replay_rows_are_taught_by_the_long_term_memory(tmp_path, tiny_dir, tiny
     calls = []
     real_generate = trainer.teachers.hf_generate
 
-    def counting_generate(model, prompt_ids):
-        calls.append((len(prompt_ids), dict(mem.state.row_scale)))
-        return real_generate(model, prompt_ids)
+    def counting_generate(model, prompt_ids, **kwargs):
+        with kwargs["view"]():
+            calls.append((len(prompt_ids), dict(mem.state.row_scale)))
+        return real_generate(model, prompt_ids, **kwargs)
 
     trainer.teachers.hf_generate = counting_generate
     prompt_ids = [row[m.bool()].tolist() for row, m in zip(batch["prompt_ids"], batch["prompt_mask"])]
@@ -496,6 +498,102 @@ def test_replay_rows_are_taught_by_the_long_term_memory(tmp_path, tiny_dir, tiny
     assert trainer.state.global_step == 1
 
 
+def test_a_prompt_sampled_several_times_is_read_once_with_the_same_samples(tmp_path, tiny_dir, tiny_tokenizer):
+    """Teacher samples of a batch that repeats prompts (as the teacher cache's fill does) read each distinct prompt
+    once: the first forward runs on the distinct prompts only, and the completions and captured hidden states equal
+    `generate` over every copy. A prompt repeated as a new and as a replayed row is two prompts (two views)."""
+    model, mem, names = mid_sleep(tiny_dir("shared_llama", arch="llama", seed=7), fast_std=0.5)
+    data = prompts().add_column("replay", [i % 2 == 1 for i in range(8)])
+    trainer = GeneralizedDistillationTrainer(
+        model=model, processing_class=tiny_tokenizer, train_dataset=data,
+        args=cpu_args(tmp_path, teacher_view="memory", alpha=1.0, trainable_parameters=names, max_steps=1,
+                      max_completion_length=5),
+    )
+    trainer.generation_config.do_sample = False  # greedy: both paths must write the same tokens
+    batch = handmade_batch(tiny_tokenizer, seed=9, batch=3)
+    distinct = [row[m.bool()].tolist() for row, m in zip(batch["prompt_ids"], batch["prompt_mask"])]
+    rows = [0, 0, 0, 1, 1, 2, 0, 0]
+    replay = [False, False, False, True, True, False, True, True]  # prompt 0 as a new and as a replayed row
+    prompt_ids = [distinct[r] for r in rows]
+    layer0 = model.model.layers[0]
+    seen = []
+    hook = layer0.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).shape[:2]),
+        with_kwargs=True,
+    )
+    scales = []
+    real_prefill = teachers_module.prefill_cache
+    teachers_module.prefill_cache = lambda *a: scales.append(mem.state.row_scale["fast"].clone()) or real_prefill(*a)
+    try:
+        out = {}
+        for shared in (True, False):
+            trainer.args.teacher_shared_prefill = shared
+            seen.clear()
+            out[shared] = trainer.teachers.sample(prompt_ids, replay, random.Random(0), capture_hidden=True)
+            out[shared, "first"] = seen[0]
+    finally:
+        hook.remove()
+        teachers_module.prefill_cache = real_prefill
+    width = max(len(p) for p in distinct)
+    assert out[True, "first"] == (4, width - 1)  # 4 distinct (prompt, view) pairs, all but the last prompt token
+    assert out[False, "first"] == (8, width)
+    [scale] = scales  # the prefill ran in the per-row view of the distinct rows: the replayed copy of prompt 0 silent
+    assert torch.equal(scale, torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    (ids_shared, hidden_shared), (ids_plain, hidden_plain) = out[True], out[False]
+    assert ids_shared == ids_plain
+    for a, b in zip(hidden_shared, hidden_plain, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert not torch.allclose(hidden_plain[0], hidden_plain[6], atol=1e-3)  # the two views of prompt 0 differ
+    assert mem.state.row_scale == {}
+
+
+def test_sampling_in_rounds_drops_ended_rows_and_writes_the_same_samples(tmp_path, tiny_dir, tiny_tokenizer):
+    """`teacher_sampling_rounds`: rows are sampled 8 tokens at a time and only the rows that have not ended go on
+    (their tokens so far read again); completions and captured hidden states equal one `generate` over 20 tokens,
+    in a per-row memory view that follows the surviving rows."""
+    model, mem, names = mid_sleep(tiny_dir("rounds_llama", arch="llama", seed=7), fast_std=0.5)
+    data = prompts().add_column("replay", [i % 2 == 1 for i in range(8)])
+    trainer = GeneralizedDistillationTrainer(
+        model=model, processing_class=tiny_tokenizer, train_dataset=data,
+        args=cpu_args(tmp_path, teacher_view="memory", alpha=1.0, trainable_parameters=names, max_steps=1,
+                      max_completion_length=20),
+    )
+    trainer.generation_config.do_sample = False
+    batch = handmade_batch(tiny_tokenizer, seed=4, batch=6)
+    prompt_ids = [row[m.bool()].tolist() for row, m in zip(batch["prompt_ids"], batch["prompt_mask"])]
+    replay = [False, True, False, True, True, False]
+
+    def sample(rounds):
+        trainer.args.teacher_sampling_rounds = rounds
+        return trainer.teachers.sample(prompt_ids, replay, random.Random(0), capture_hidden=True)
+
+    # An end-of-sequence token that some rows write early and others never: their rounds then differ.
+    plain, _ = sample("off")
+    stop = plain[0][2]
+    ended = [i for i, row in enumerate(plain) if stop in row[:8]]  # rows that end in round one
+    assert 0 < len(ended) < 6 and any(stop not in row for row in plain), plain
+    trainer.eos_token_ids = [stop]
+    trainer.generation_config.eos_token_id = [stop]
+    trainer.args.teacher_sampling_rounds = "on"
+    assert trainer.teachers.sampling_rounds() == [8, 12]
+    calls = []
+    real_generate = model.generate
+    model.generate = lambda **kw: calls.append(kw["input_ids"].shape) or real_generate(**kw)
+    try:
+        out = {rounds: sample(rounds) for rounds in ("on", "off")}
+    finally:
+        del model.generate
+    # "on": 6 rows, then those that had not ended, their prompt and 8 tokens read again; "off": one call
+    width = batch["prompt_ids"].size(1)
+    assert [tuple(c) for c in calls] == [(6, width), (6 - len(ended), width + 8), (6, width)]
+    (ids_on, hidden_on), (ids_off, hidden_off) = out["on"], out["off"]
+    assert ids_on == ids_off and len(ids_on[0]) == 3 and ids_on[0][-1] == stop
+    assert max(len(c) for c in ids_on) == 20
+    for a, b in zip(hidden_on, hidden_off, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert mem.state.row_scale == {}
+
+
 def test_replay_rows_of_a_peft_view_need_no_separate_call(tmp_path, student_dir):
     """With `disable_adapter` the replay view is the teacher view: replayed rows share its generate call."""
     from peft import LoraConfig
@@ -509,7 +607,7 @@ def test_replay_rows_of_a_peft_view_need_no_separate_call(tmp_path, student_dir)
     assert not trainer.teachers[0].splits_replay
     calls = []
     real_generate = trainer.teachers.hf_generate
-    trainer.teachers.hf_generate = lambda model, ids: calls.append(len(ids)) or real_generate(model, ids)
+    trainer.teachers.hf_generate = lambda model, ids, **kw: calls.append(len(ids)) or real_generate(model, ids, **kw)
     batch = handmade_batch(trainer._tokenizer, seed=9, batch=4)
     prompt_ids = [row[m.bool()].tolist() for row, m in zip(batch["prompt_ids"], batch["prompt_mask"])]
     assert len(trainer.teachers.sample(prompt_ids, [False, True, False, True], random.Random(0))) == 4
@@ -683,7 +781,7 @@ def test_continuations_from_one_cached_prefix_equal_repeated_prompts(tiny_tokeni
     """Greedy decoding from a prefix's KV cache repeated along the batch equals decoding each repeat on its own."""
     from transformers import GenerationConfig
 
-    from sleep_trl.generation.hf import generate_ids, sample_continuations
+    from sleep_trl.generation.hf import generate_ids, left_pad, prefill_cache, sample_continuations
     from sleep_trl.tiny import build_model
 
     model = build_model(tiny_tokenizer, arch="llama", seed=3).eval()
@@ -699,6 +797,10 @@ def test_continuations_from_one_cached_prefix_equal_repeated_prompts(tiny_tokeni
     repeated = generate_ids(model, [p for p in prefixes for _ in range(3)], pad_id=tiny_tokenizer.pad_token_id,
                             batch_size=12, max_new_tokens=6, do_sample=False, eos_token_ids=eos)
     assert shared == repeated and len({tuple(c) for c in shared}) > 1
+    # the prefix really is in the cache (transformers before 5.18 takes it as `past_key_values` and ignores `cache`)
+    ids, mask = left_pad(prefixes, tiny_tokenizer.pad_token_id)
+    [cache] = prefill_cache(model, ids, mask).values()
+    assert cache.get_seq_length() == ids.size(1) - 1
 
 
 def test_fewer_prompts_than_one_batch_still_train_every_step(tmp_path, student_dir, teacher_dir, tiny_tokenizer):

@@ -441,7 +441,8 @@ def test_a_sleep_reads_the_teachers_samples_through_the_frozen_trunk_and_learns_
                                                                                       tiny_tokenizer):
     """With the memory in the top layer, every distillation row (a prompt and a cached teacher sample, new and
     replayed rows alike) is served from the states recorded while the teacher wrote it: the student never runs
-    layer 0 in training, and the new expert ends where the full forward takes it (to 1e-5)."""
+    layer 0 in training, and the new expert ends where the full forward takes it (to 1e-5). The fill samples each
+    prompt twice in one call, so the recording also follows the shared prefill's repeated cache."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
 

@@ -13,6 +13,7 @@ part in autograd again, and under DeepSpeed ZeRO-3 the parameters gathered for g
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -117,6 +118,30 @@ def encode_prompts(tokenizer, prompts: Sequence[str], add_special_tokens: bool) 
     return [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
 
 
+def cache_keyword(model) -> str:
+    """The keyword `model`'s forward and `generate` take a KV cache by: `cache` in recent transformers,
+    `past_key_values` in older ones (the vLLM environment pins one), read from the model class's signature."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper takes **kwargs
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def prefill_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+    """A KV cache holding every position but the last of left-padded prompts, for `generate(..., **returned)` to
+    continue from (it then feeds only the last prompt token). Position ids are made as `generate` makes them, so the
+    cache is exactly what `generate` would have computed; the head runs on one position only. Repeat or reorder the
+    cache along the batch (`reorder_cache(index)`) to sample several rows from one read of a prompt. Needs prompts
+    at least 2 tokens wide."""
+    if input_ids.size(1) < 2:
+        raise ValueError("prefill_cache needs prompts of at least 2 positions (the last one is left to `generate`).")
+    positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    cache = DynamicCache(config=model.config)
+    keyword = cache_keyword(model)
+    model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=positions[:, :-1],
+          use_cache=True, logits_to_keep=1, **{keyword: cache})
+    return {keyword: cache}
+
+
 @torch.no_grad()
 def sample_continuations(
     model,
@@ -129,28 +154,23 @@ def sample_continuations(
     synced_gpus: bool = False,
 ) -> list[list[int]]:
     """`num` continuations of every prefix, the prefix read once: one forward fills the KV cache for the prefixes
-    (all but their last token), the cache is repeated `num` times along the batch, and `generate` samples from
-    there. `generate(num_return_sequences=num)` would re-read each prefix `num` times (on a CPU, where generation is
-    compute-bound, that is most of the cost of Learning to Imitate's rollouts). Returns `len(prefixes) * num`
-    completions, the `num` of a prefix consecutive, each cut after its first EOS."""
+    (all but their last token, `prefill_cache`), the cache is repeated `num` times along the batch, and `generate`
+    samples from there. `generate(num_return_sequences=num)` would re-read each prefix `num` times (on a CPU, where
+    generation is compute-bound, that is most of the cost of Learning to Imitate's rollouts). Returns
+    `len(prefixes) * num` completions, the `num` of a prefix consecutive, each cut after its first EOS."""
     device = model_device(model)
     if generation_config.pad_token_id is None:
         generation_config = copy.deepcopy(generation_config)
         generation_config.pad_token_id = pad_id
     input_ids, attention_mask = left_pad(prefixes, pad_id)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    kwargs = {}
-    if input_ids.size(1) > 1:
-        # position ids as `generate` makes them, so the cache is exactly what it would have computed
-        positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-        cache = DynamicCache(config=model.config)
-        model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=positions[:, :-1],
-              cache=cache, use_cache=True)
-        cache.batch_repeat_interleave(num)
-        kwargs["cache"] = cache
     was_training = model.training
     model.eval()
     try:
+        kwargs = {}
+        if input_ids.size(1) > 1:
+            kwargs = prefill_cache(model, input_ids, attention_mask)
+            next(iter(kwargs.values())).batch_repeat_interleave(num)
         out = model.generate(
             input_ids=input_ids.repeat_interleave(num, 0), attention_mask=attention_mask.repeat_interleave(num, 0),
             generation_config=generation_config, synced_gpus=synced_gpus, **kwargs,

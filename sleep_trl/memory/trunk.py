@@ -283,6 +283,19 @@ class FrozenTrunk:
         finally:
             self._generation = None
 
+    def repeat_generation(self, index) -> None:
+        """In `recording()`, after a prefill of distinct prompts whose KV cache the caller reorders along the batch
+        (`cache.reorder_cache(index)`, to sample several rows from one read of a prompt): the rows recorded so far
+        follow the same `index`, so the decoding steps that come are recorded against the right prompts."""
+        gen = self._generation
+        if gen is None or gen["rows"] is None:
+            return
+        index = [int(i) for i in index]
+        gen["rows"] = [list(gen["rows"][i]) for i in index]
+        gen["states"] = [list(gen["states"][i]) for i in index]
+        if gen.get("real") is not None:
+            gen["real"] = gen["real"][index]
+
     def _generation_step(self, kwargs) -> bool:
         """In `recording()`: note a generate forward (prefill or decoding step) so `_record` keeps its states."""
         cache = kwargs.get("cache", kwargs.get("past_key_values"))

@@ -122,6 +122,19 @@ class GeneralizedDistillationConfig(DistillationConfig):
             used twice.
         teacher_cache_batch_size (`int`, *optional*, defaults to `64`):
             Prompts per batched `generate`/forward call while filling the cache.
+        teacher_shared_prefill (`bool`, *optional*, defaults to `True`):
+            When a batch of teacher samples holds a prompt several times (the cache samples each prompt once per epoch
+            of the schedule, and sorts the work so its copies sit together), read that prompt once: one forward fills
+            the KV cache of the distinct prompts, the cache is repeated along the batch, and every copy is sampled
+            from there. The samples are drawn from the same distributions; `False` runs `generate` over every copy
+            (for measuring). Off under DeepSpeed and FSDP and with beam search.
+        teacher_sampling_rounds (`str`, *optional*, defaults to `"auto"`):
+            Sample the teacher (transformers path) in rounds of 8, 16, 32, ... new tokens, only the rows that have not
+            ended going on to the next round (their tokens so far read again in one forward). `generate` computes
+            every row of a batch until the longest one ends; where a decoding step costs in proportion to its rows
+            (a CPU) and most answers are short, rounds skip most of that. Continuing a row samples from the same
+            distributions. `"auto"`: on a CPU device; `"on"`; `"off"`. Off under DeepSpeed and FSDP, with beam
+            search and with `min_new_tokens`-style settings in `generation_kwargs`.
         replay_column (`str`, *optional*, defaults to `"replay"`):
             Rows whose value in this column is true are replayed old knowledge: with a teacher view they are taught
             by the replay view instead (for `teacher_view: memory`, the long-term memory as it was before this sleep,
@@ -221,6 +234,14 @@ class GeneralizedDistillationConfig(DistillationConfig):
     teacher_cache_batch_size: int = field(
         default=64, metadata={"help": "Prompts per batched call while filling the teacher cache."}
     )
+    teacher_shared_prefill: bool = field(
+        default=True,
+        metadata={"help": "Read a prompt sampled several times in one teacher call once (a shared KV cache)."},
+    )
+    teacher_sampling_rounds: str = field(
+        default="auto",
+        metadata={"help": "Sample the teacher in rounds of 8, 16, 32... tokens, ended rows dropped: auto (CPU), on, off."},
+    )
     replay_column: str = field(
         default="replay", metadata={"help": "Dataset column marking replayed rows (taught by the replay view)."}
     )
@@ -274,6 +295,10 @@ class GeneralizedDistillationConfig(DistillationConfig):
         if self.teacher_combination not in TEACHER_COMBINATIONS:
             raise ValueError(
                 f"`teacher_combination` must be one of {TEACHER_COMBINATIONS}, got {self.teacher_combination!r}."
+            )
+        if self.teacher_sampling_rounds not in ("auto", "on", "off"):
+            raise ValueError(
+                f"`teacher_sampling_rounds` must be 'auto', 'on' or 'off', got {self.teacher_sampling_rounds!r}."
             )
         if self.teacher_cache not in TEACHER_CACHES:
             raise ValueError(f"`teacher_cache` must be one of {TEACHER_CACHES}, got {self.teacher_cache!r}.")

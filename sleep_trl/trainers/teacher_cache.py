@@ -6,8 +6,10 @@ be computed once, in large batches, before the first step, and reused by every s
 
 - **samples**: for each distinct prompt, as many teacher samples as the run will draw it (`teacher_samples_per_prompt`,
   by default the number of epochs the schedule covers, so every occurrence gets a fresh sample, as without the
-  cache); off-policy batches and the imitation targets take the next unused one. With `seq_kd: false` the dataset's
-  own completion is the one sample.
+  cache); off-policy batches and the imitation targets take the next unused one. The copies of a prompt sit
+  together in the length-sorted work, and `TeacherSet.hf_generate` reads each distinct prompt once per call (a
+  shared KV cache, `teacher_shared_prefill`) and, on a CPU, samples in rounds that drop the rows already ended
+  (`teacher_sampling_rounds`). With `seq_kd: false` the dataset's own completion is the one sample.
 - **hidden states**: the teacher's last hidden states over each sample's completion tokens, which the divergence
   projects through the teacher's head; off-policy batches then need no teacher forward at all. On-policy batches
   (the student writes the sequences) still run the teacher on them.

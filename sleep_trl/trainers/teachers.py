@@ -16,6 +16,7 @@ discarded), because parameters are gathered collectively and a process that skip
 from __future__ import annotations
 
 import contextlib
+import copy
 import random
 import re
 import warnings
@@ -32,6 +33,7 @@ from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import create_model_from_path, pad
 
 from ..assets import resolve_model_path
+from ..generation.hf import prefill_cache
 from ..generation.vllm_cpu import TeacherEngine
 from ..memory import FrozenTrunk, find_memory
 from .generalized_distillation_objective import logit_scale_of
@@ -58,6 +60,11 @@ class Teacher:
     def splits_replay(self) -> bool:
         """Replayed rows need a view of their own (a separate forward/generate call)."""
         return self.is_view and self.replay_view is not None and self.replay_view is not self.view
+
+
+def _rowless(view):
+    """A `view_groups` context factory for a view that is the same for every row (`index` ignored); None: no view."""
+    return lambda index=None: contextlib.nullcontext() if view is None else view()
 
 
 def backbone_of(model):
@@ -236,18 +243,20 @@ class TeacherSet:
         A teacher with a per-row view (the continuum memory) serves new and replayed rows together: one group.
         Otherwise the teacher view takes the new rows and the replay view the replayed ones (only when they differ);
         empty groups are dropped, except under DeepSpeed, where every process must run the same calls (see the
-        module docstring). `split=True` forces the two-call form (vLLM serves dense weights: no per-row view)."""
+        module docstring). `split=True` forces the two-call form (vLLM serves dense weights: no per-row view).
+        Each `view` is a context factory: `view()` for a forward over the group's rows in order, `view(index)` for a
+        forward over the rows `index` picks of them (a per-row view then follows the rows)."""
         n = len(replay)
         if not (teacher.splits_replay and self.has_replay):
-            return [(teacher.view, list(range(n)))]
+            return [(_rowless(teacher.view), list(range(n)))]
         if teacher.row_view is not None and not split:
             mask = torch.tensor(list(replay), dtype=torch.bool)
             if not mask.any():
-                return [(teacher.view, list(range(n)))]
-            return [(lambda: teacher.row_view(mask), list(range(n)))]
+                return [(_rowless(teacher.view), list(range(n)))]
+            return [(lambda index=None: teacher.row_view(mask if index is None else mask[index]), list(range(n)))]
         groups = [
-            (teacher.view, [i for i in range(n) if not replay[i]]),
-            (teacher.replay_view, [i for i in range(n) if replay[i]]),
+            (_rowless(teacher.view), [i for i in range(n) if not replay[i]]),
+            (_rowless(teacher.replay_view), [i for i in range(n) if replay[i]]),
         ]
         if self.trainer.is_deepspeed_enabled:
             return groups
@@ -319,7 +328,8 @@ class TeacherSet:
                 rows = [mine[g] for g in group]
                 # Every process must enter the same generate calls under ZeRO-3 (parameters are gathered).
                 batch = [prompt_ids[i] for i in rows] or [prompt_ids[0]]
-                generated = self._generate(index, teacher, batch, view, capture_hidden)
+                keys = [replay[i] for i in rows] or [replay[0]]  # rows alike in prompt and view are alike
+                generated = self._generate(index, teacher, batch, view, capture_hidden, keys)
                 ids_list, states = generated if capture_hidden else (generated, None)
                 for j, i in enumerate(rows):
                     completions[i] = ids_list[j]
@@ -327,32 +337,91 @@ class TeacherSet:
                         hidden[i] = states[j]
         return (completions, hidden) if capture_hidden else completions
 
-    def _generate(self, index: int, teacher: Teacher, prompt_ids: list[list[int]], view, capture_hidden=False):
+    def _generate(self, index: int, teacher: Teacher, prompt_ids: list[list[int]], view, capture_hidden=False,
+                  keys: Sequence | None = None):
         trainer = self.trainer
         if trainer.use_vllm:
             return self._vllm_generate(index, teacher, prompt_ids, view)
         model = trainer.model_wrapped if teacher.is_view else teacher.model
-        with view() if teacher.is_view else contextlib.nullcontext():
-            if capture_hidden:
-                return self.hf_generate(model, prompt_ids, capture_hidden=True)
-            return self.hf_generate(model, prompt_ids)
+        return self.hf_generate(model, prompt_ids, capture_hidden=capture_hidden, view=view if teacher.is_view else None,
+                                keys=keys)
 
-    def hf_generate(self, model, prompt_ids: list[list[int]], capture_hidden: bool = False):
-        """Sample with `transformers.generate` from `model` (a teacher, or the student in a view).
+    def _shared_rows(self, prompt_ids: list[list[int]], keys: Sequence | None):
+        """`(distinct, index)`: the distinct prompts of a batch (alike in prompt and `keys`, e.g. the replay flag
+        that picks a row's view) and, per row, which of them it is; None when no prompt repeats or prompts may not
+        share a prefill (`teacher_shared_prefill` off; DeepSpeed or FSDP, where every process must run the same
+        forwards; beam search)."""
+        trainer = self.trainer
+        beams = getattr(trainer.generation_config, "num_beams", None) or 1
+        if (not trainer.args.teacher_shared_prefill or beams != 1 or trainer.is_deepspeed_enabled
+                or trainer.is_fsdp_enabled):
+            return None
+        keys = [None] * len(prompt_ids) if keys is None else keys
+        first: dict = {}
+        index = [first.setdefault((tuple(ids), key), len(first)) for ids, key in zip(prompt_ids, keys)]
+        if len(first) == len(prompt_ids) or max(len(ids) for ids in prompt_ids) < 2:
+            return None
+        distinct = [None] * len(first)
+        for row, i in enumerate(index):
+            if distinct[i] is None:
+                distinct[i] = row
+        return distinct, index
 
-        Mirrors the transformers path of TRL's `_generate_single_turn`, which is bound to the student. With
-        `capture_hidden`, also returns each row's last hidden states over its completion (the position before each
-        sampled token, what the divergence projects through the head), taken from the generation's own forward
+    def sampling_rounds(self) -> list[int]:
+        """Token budgets of the rounds `hf_generate` samples in: one round of `max_new_tokens`, or with
+        `teacher_sampling_rounds` rounds of 8, 16, 32, ... tokens adding up to it."""
+        config = self.trainer.generation_config
+        total = config.max_new_tokens
+        if not self._rounds_enabled() or not total:
+            return [total]
+        rounds, size = [], 8
+        while sum(rounds) < total:
+            rounds.append(min(size, total - sum(rounds)))
+            size *= 2
+        return rounds
+
+    def _rounds_enabled(self) -> bool:
+        trainer = self.trainer
+        mode = trainer.args.teacher_sampling_rounds
+        if mode == "off" or trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+            return False
+        config = trainer.generation_config
+        # Only where continuing a row is sampling it on: no processor that counts the tokens generated so far.
+        if (getattr(config, "num_beams", None) or 1) != 1 or any(
+            getattr(config, name, None) for name in ("min_new_tokens", "min_length", "exponential_decay_length_penalty")
+        ):
+            return False
+        return mode == "on" or trainer.accelerator.device.type == "cpu"
+
+    def hf_generate(self, model, prompt_ids: list[list[int]], capture_hidden: bool = False, view=None,
+                    keys: Sequence | None = None):
+        """Sample with `transformers.generate` from `model` (a teacher, or the student in `view`, a context factory
+        from `view_groups`).
+
+        Mirrors the transformers path of TRL's `_generate_single_turn`, which is bound to the student. Two things
+        keep work that changes no sample out of it:
+
+        - a prompt that appears several times in the batch (the teacher cache draws each prompt once per epoch) is
+          read once: one forward fills the KV cache of the distinct prompts, the cache is repeated along the batch,
+          and `generate` samples every row from there (`teacher_shared_prefill`);
+        - with `teacher_sampling_rounds`, rows are sampled in rounds of 8, 16, 32, ... tokens, and only the rows
+          that have not ended go on to the next round (their prompt and tokens so far read again in one forward):
+          `generate` keeps computing every row of a batch until the longest ends, which on a CPU, where a decoding
+          step costs in proportion to its rows, is most of the cost of short answers in a large batch. Continuing
+          a row samples from the same distributions (every processor used looks only at the tokens so far).
+
+        With `capture_hidden`, also returns each row's last hidden states over its completion (the position before
+        each sampled token, what the divergence projects through the head), taken from the generation's own forward
         passes: no second forward over the sampled sequences. Returns completions, or (completions, hidden).
         """
         trainer = self.trainer
         if not prompt_ids:
             return ([], []) if capture_hidden else []
-        device = trainer.accelerator.device
-        prompts = [torch.tensor(ids) for ids in prompt_ids]
-        pad_id = trainer._tokenizer.pad_token_id
-        input_ids = pad(prompts, padding_value=pad_id, padding_side="left").to(device)
-        attention_mask = pad([torch.ones_like(p) for p in prompts], padding_value=0, padding_side="left").to(device)
+        view = view or _rowless(None)
+        keys = [None] * len(prompt_ids) if keys is None else list(keys)
+        eos = set(trainer.eos_token_ids)
+        completions: list[list[int]] = [[] for _ in prompt_ids]
+        hidden: list[list[torch.Tensor]] = [[] for _ in prompt_ids]
         with (
             unwrap_model_for_generation(
                 model,
@@ -364,31 +433,77 @@ class TeacherSet:
         ):
             was_training = unwrapped.training
             unwrapped.eval()
-            captured: list[torch.Tensor] = []
-            handle = backbone_of(unwrapped).register_forward_hook(_capture_into(captured)) if capture_hidden else None
             # A frozen trunk serving this model keeps the lower layers' states of the samples: the student's forward
             # over them then skips those layers (rows stay in order without beam search).
             beams = getattr(trainer.generation_config, "num_beams", None) or 1
             trunk = FrozenTrunk.active_for(unwrapped) if beams == 1 else None
+            live = list(range(len(prompt_ids)))
+            rounds = self.sampling_rounds()
             try:
                 with trunk.recording() if trunk is not None else contextlib.nullcontext():
-                    out = unwrapped.generate(
-                        input_ids=input_ids, attention_mask=attention_mask, generation_config=trainer.generation_config
-                    )
+                    for number, budget in enumerate(rounds):
+                        index = torch.tensor(live)
+                        rows_view = view if number == 0 else (
+                            lambda sub=None, index=index: view(index if sub is None else index[sub]))
+                        new, states = self._generate_round(
+                            unwrapped, [prompt_ids[i] + completions[i] for i in live], budget, rows_view,
+                            [keys[i] for i in live], capture_hidden, trunk,
+                        )
+                        going = []
+                        for j, i in enumerate(live):
+                            cut = next((t for t, token in enumerate(new[j]) if token in eos), None)
+                            tokens = new[j] if cut is None else new[j][: cut + 1]
+                            completions[i] += tokens
+                            if states is not None:
+                                hidden[i].append(states[j, : len(tokens)])
+                            if cut is None and len(tokens) == budget:
+                                going.append(i)
+                        live = going
+                        if not live:
+                            break
             finally:
                 unwrapped.train(was_training)
-                if handle is not None:
-                    handle.remove()
-        completions = out[:, input_ids.size(1) :].cpu()
-        result = []
-        eos = set(trainer.eos_token_ids)
-        for row in completions.tolist():
-            cut = next((i for i, t in enumerate(row) if t in eos), None)
-            result.append(row if cut is None else row[: cut + 1])
         if not capture_hidden:
-            return result
-        steps = torch.cat(captured, dim=1)  # (batch, forward passes, hidden): one position per sampled token
-        return result, [steps[i, : len(ids)].to("cpu", copy=True) for i, ids in enumerate(result)]
+            return completions
+        return completions, [torch.cat(h) for h in hidden]  # a copy: no view keeps a round's whole batch alive
+
+    def _generate_round(self, unwrapped, prompt_ids, budget, view, keys, capture_hidden, trunk):
+        """One `generate` call of at most `budget` new tokens over `prompt_ids` (distinct prompts read once, see
+        `hf_generate`): the new tokens of each row (padding included) and, with `capture_hidden`, the last hidden
+        state before each of them, `(rows, tokens, hidden)`."""
+        trainer = self.trainer
+        device = trainer.accelerator.device
+        shared = self._shared_rows(prompt_ids, keys)
+        rows = prompt_ids if shared is None else [prompt_ids[r] for r in shared[0]]
+        prompts = [torch.tensor(ids) for ids in rows]
+        pad_id = trainer._tokenizer.pad_token_id
+        input_ids = pad(prompts, padding_value=pad_id, padding_side="left").to(device)
+        attention_mask = pad([torch.ones_like(p) for p in prompts], padding_value=0, padding_side="left").to(device)
+        kwargs = {}
+        if shared is not None:
+            with view(torch.tensor(shared[0])):
+                kwargs = prefill_cache(unwrapped, input_ids, attention_mask)
+            index = torch.tensor(shared[1], device=device)
+            next(iter(kwargs.values())).reorder_cache(index)
+            input_ids, attention_mask = input_ids[index], attention_mask[index]
+            if trunk is not None:
+                trunk.repeat_generation(shared[1])
+        config = trainer.generation_config
+        if budget != config.max_new_tokens:
+            config = copy.copy(config)
+            config.max_new_tokens = budget
+        captured: list[torch.Tensor] = []
+        handle = backbone_of(unwrapped).register_forward_hook(_capture_into(captured)) if capture_hidden else None
+        try:
+            with view():
+                out = unwrapped.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                         **kwargs)
+        finally:
+            if handle is not None:
+                handle.remove()
+        new = out[:, input_ids.size(1) :].cpu().tolist()
+        # (rows, forward passes, hidden): one position per sampled token
+        return new, (torch.cat(captured, dim=1).cpu() if capture_hidden else None)
 
     def vllm_sampling(self) -> dict[str, Any]:
         """vLLM sampling parameters equal to the trainer's generation settings."""
