@@ -498,18 +498,25 @@ def test_replay_rows_are_taught_by_the_long_term_memory(tmp_path, tiny_dir, tiny
     assert trainer.state.global_step == 1
 
 
-def test_a_prompt_sampled_several_times_is_read_once_with_the_same_samples(tmp_path, tiny_dir, tiny_tokenizer):
-    """Teacher samples of a batch that repeats prompts (as the teacher cache's fill does) read each distinct prompt
-    once: the first forward runs on the distinct prompts only, and the completions and captured hidden states equal
-    `generate` over every copy. A prompt repeated as a new and as a replayed row is two prompts (two views)."""
-    model, mem, names = mid_sleep(tiny_dir("shared_llama", arch="llama", seed=7), fast_std=0.5)
+def greedy_memory_teacher(tmp_path, tiny_dir, tiny_tokenizer, name, max_completion_length):
+    """A trainer mid-sleep whose teacher is the memory view (per-row for replayed rows), sampling greedily, so two
+    ways of generating must write the same tokens. Returns the model, its memory and the trainer."""
+    model, mem, names = mid_sleep(tiny_dir(name, arch="llama", seed=7), fast_std=0.5)
     data = prompts().add_column("replay", [i % 2 == 1 for i in range(8)])
     trainer = GeneralizedDistillationTrainer(
         model=model, processing_class=tiny_tokenizer, train_dataset=data,
         args=cpu_args(tmp_path, teacher_view="memory", alpha=1.0, trainable_parameters=names, max_steps=1,
-                      max_completion_length=5),
+                      max_completion_length=max_completion_length),
     )
-    trainer.generation_config.do_sample = False  # greedy: both paths must write the same tokens
+    trainer.generation_config.do_sample = False
+    return model, mem, trainer
+
+
+def test_a_prompt_sampled_several_times_is_read_once_with_the_same_samples(tmp_path, tiny_dir, tiny_tokenizer):
+    """Teacher samples of a batch that repeats prompts (as the teacher cache's fill does) read each distinct prompt
+    once: the first forward runs on the distinct prompts only, and the completions and captured hidden states equal
+    `generate` over every copy. A prompt repeated as a new and as a replayed row is two prompts (two views)."""
+    model, mem, trainer = greedy_memory_teacher(tmp_path, tiny_dir, tiny_tokenizer, "shared_llama", 5)
     batch = handmade_batch(tiny_tokenizer, seed=9, batch=3)
     distinct = [row[m.bool()].tolist() for row, m in zip(batch["prompt_ids"], batch["prompt_mask"])]
     rows = [0, 0, 0, 1, 1, 2, 0, 0]
@@ -551,14 +558,7 @@ def test_sampling_in_rounds_drops_ended_rows_and_writes_the_same_samples(tmp_pat
     """`teacher_sampling_rounds`: rows are sampled 8 tokens at a time and only the rows that have not ended go on
     (their tokens so far read again); completions and captured hidden states equal one `generate` over 20 tokens,
     in a per-row memory view that follows the surviving rows."""
-    model, mem, names = mid_sleep(tiny_dir("rounds_llama", arch="llama", seed=7), fast_std=0.5)
-    data = prompts().add_column("replay", [i % 2 == 1 for i in range(8)])
-    trainer = GeneralizedDistillationTrainer(
-        model=model, processing_class=tiny_tokenizer, train_dataset=data,
-        args=cpu_args(tmp_path, teacher_view="memory", alpha=1.0, trainable_parameters=names, max_steps=1,
-                      max_completion_length=20),
-    )
-    trainer.generation_config.do_sample = False
+    model, mem, trainer = greedy_memory_teacher(tmp_path, tiny_dir, tiny_tokenizer, "rounds_llama", 20)
     batch = handmade_batch(tiny_tokenizer, seed=4, batch=6)
     prompt_ids = [row[m.bool()].tolist() for row, m in zip(batch["prompt_ids"], batch["prompt_mask"])]
     replay = [False, True, False, True, True, False]

@@ -351,10 +351,7 @@ class TeacherSet:
         that picks a row's view) and, per row, which of them it is; None when no prompt repeats or prompts may not
         share a prefill (`teacher_shared_prefill` off; DeepSpeed or FSDP, where every process must run the same
         forwards; beam search)."""
-        trainer = self.trainer
-        beams = getattr(trainer.generation_config, "num_beams", None) or 1
-        if (not trainer.args.teacher_shared_prefill or beams != 1 or trainer.is_deepspeed_enabled
-                or trainer.is_fsdp_enabled):
+        if not (self.trainer.args.teacher_shared_prefill and self._rows_may_split()):
             return None
         keys = [None] * len(prompt_ids) if keys is None else keys
         first: dict = {}
@@ -383,15 +380,20 @@ class TeacherSet:
     def _rounds_enabled(self) -> bool:
         trainer = self.trainer
         mode = trainer.args.teacher_sampling_rounds
-        if mode == "off" or trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        if mode == "off" or not self._rows_may_split():
             return False
-        config = trainer.generation_config
         # Only where continuing a row is sampling it on: no processor that counts the tokens generated so far.
-        if (getattr(config, "num_beams", None) or 1) != 1 or any(
-            getattr(config, name, None) for name in ("min_new_tokens", "min_length", "exponential_decay_length_penalty")
-        ):
+        config = trainer.generation_config
+        if any(getattr(config, name, None) for name in ("min_new_tokens", "min_length", "exponential_decay_length_penalty")):
             return False
         return mode == "on" or trainer.accelerator.device.type == "cpu"
+
+    def _rows_may_split(self) -> bool:
+        """Whether a call's rows may be generated apart from the batch they came in (shared prefill, rounds): not
+        under DeepSpeed or FSDP, where every process must run the same forwards, nor with beam search."""
+        trainer = self.trainer
+        beams = getattr(trainer.generation_config, "num_beams", None) or 1
+        return beams == 1 and not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled)
 
     def hf_generate(self, model, prompt_ids: list[list[int]], capture_hidden: bool = False, view=None,
                     keys: Sequence | None = None):
