@@ -127,6 +127,21 @@ def test_sleep_off_is_sequential_finetuning_of_two_experts_with_the_same_budget(
     assert all(p["metrics"]["steps"] > cfg["consolidation_args"]["max_steps"] for p in wake)
 
 
+def test_arms_that_never_sleep_get_the_steps_a_sleep_in_epochs_runs(tmp_path):
+    """With `consolidation_args.max_steps: -1` a sleep runs `num_train_epochs` over its prompts, which grow with the
+    stream; the replay arm's wake gets exactly the steps the sleeping run's wake and consolidation took together."""
+    epochs = ["--consolidation_args.max_steps", "-1", "--consolidation_args.num_train_epochs", "1.5"]
+    slept = run_cycle(tiny_config(tmp_path / "sleep", *epochs))
+    replayed = run_cycle(tiny_config(tmp_path / "replay", "--method", "replay", *epochs))
+
+    def steps(report, phase):
+        return [p["metrics"]["steps"] for p in report["phases"] if p["phase"] == phase]
+
+    sleeps = steps(slept, "consolidate")
+    assert sleeps[1] > sleeps[0] > 0  # the second sleep also replays the first session
+    assert steps(replayed, "wake") == [w + c for w, c in zip(steps(slept, "wake"), sleeps, strict=True)]
+
+
 @pytest.mark.slow
 def test_resume_after_kill_gives_the_same_result(tmp_path, finished_run):
     """Kill a real run (SIGKILL) right after its first consolidation, start it again: same memory, same answers."""

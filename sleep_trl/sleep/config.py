@@ -227,7 +227,8 @@ class SleepConfig:
 
         method (`str`, defaults to `"sleep"`):
             What the run does with each session, every arm with the same optimizer steps per session (wake steps +
-            consolidation `max_steps`) and the same trainable parameters per session (two experts' worth):
+            consolidation steps: `consolidation_args.max_steps`, or with `max_steps: -1` the steps the sleep's
+            epochs over its prompts take, `consolidation_steps`) and the same trainable parameters per session (two experts' worth):
             `"sleep"`: wake in the fast expert, consolidate into a new slow expert, prune (and dream); `"sequential"`:
             plain sequential fine-tuning of one fast and one slow expert, never reset; `"replay"`: the same, also
             rehearsing `replay_prompts` questions of every earlier session answered by the model itself before
@@ -538,11 +539,29 @@ class SleepConfig:
     def wake_steps(self, num_texts: int, num_processes: int = 1) -> int:
         """Optimizer steps of a wake over `num_texts` training texts (`max_steps`, or from `num_train_epochs`, the
         batch being `per_device_train_batch_size x gradient_accumulation_steps x num_processes`)."""
-        wake = self.phase_fields("wake_args")
-        if wake.get("max_steps", -1) > 0:
+        wake = self._step_fields("wake_args")
+        if wake["max_steps"] > 0:
             return int(wake["max_steps"])
-        per_step = wake["per_device_train_batch_size"] * wake.get("gradient_accumulation_steps", 1) * num_processes
+        per_step = wake["per_device_train_batch_size"] * wake["gradient_accumulation_steps"] * num_processes
         return max(1, math.ceil(wake["num_train_epochs"] * num_texts / per_step))
+
+    def consolidation_steps(self, num_prompts: int, num_processes: int = 1) -> int:
+        """Optimizer steps of a sleep over `num_prompts` consolidation rows: `consolidation_args.max_steps`, or, with
+        `max_steps: -1`, what the trainer runs for `num_train_epochs`: TRL's sampler serves whole batches of
+        `per_device_train_batch_size x gradient_accumulation_steps x num_processes` rows, one per step, and drops
+        the partial one (a set smaller than one batch is repeated to fill it, `fill_one_batch`). The arms that never
+        sleep get this budget too."""
+        sleep = self._step_fields("consolidation_args")
+        if sleep["max_steps"] > 0:
+            return int(sleep["max_steps"])
+        rows = sleep["per_device_train_batch_size"] * sleep["gradient_accumulation_steps"] * num_processes
+        return max(1, math.ceil(sleep["num_train_epochs"] * max(1, num_prompts // rows)))
+
+    def _step_fields(self, section: str) -> dict:
+        """The fields that set a phase's optimizer steps: the recipe's, else the phase config's own defaults."""
+        names = ("max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps")
+        defaults = {f.name: f.default for f in fields(self.sections[section]) if f.name in names}
+        return {**defaults, **{k: v for k, v in self.phase_fields(section).items() if k in names}}
 
     # ---- identity of a run ----------------------------------------------------------------------------------------
     @property

@@ -277,8 +277,8 @@ class SleepCycle:
         cfg, mem = self.config, self.memory
         texts = self._wake_texts(k)
         steps = cfg.wake_steps(len(texts), world()[0])  # the session's own texts set the budget
-        if cfg.method != "sleep":  # the arms that never sleep get the consolidation's steps too
-            steps += cfg.phase_fields("consolidation_args")["max_steps"]
+        if cfg.method != "sleep":  # the arms that never sleep get the steps a sleep on this session would take
+            steps += cfg.consolidation_steps(len(self._consolidation_prompts(k, seed)), world()[0])
         metrics = {"steps": steps, "texts": len(texts)}
         if cfg.method == "replay" and k > 0:
             extra = rehearsal_texts(self, k, seed)
@@ -312,14 +312,19 @@ class SleepCycle:
         release_engine(trainer)
         return {**metrics, "train_loss": round(mean_over_processes(result.training_loss), 4)}, True
 
-    def _consolidate(self, k: int, seed: int):
+    def _consolidation_prompts(self, k: int, seed: int):
+        """The rows a sleep on session `k` distils on (its own prompts and the replayed ones)."""
         cfg = self.config
-        in_context = cfg.wake == "context"
-        data = consolidation_prompts(
-            self.stream, k, cfg.replay_prompts, seed, with_context=in_context, tokenizer=self.tokenizer,
+        return consolidation_prompts(
+            self.stream, k, cfg.replay_prompts, seed, with_context=cfg.wake == "context", tokenizer=self.tokenizer,
             system_prompt=self.system_prompt, document_prompts=self._document_prompts(k),
             replay_document_prompts=self.replay_document_prompts, new_share=cfg.new_prompt_share,
         )
+
+    def _consolidate(self, k: int, seed: int):
+        cfg = self.config
+        in_context = cfg.wake == "context"
+        data = self._consolidation_prompts(k, seed)
         fields = {
             **cfg.phase_fields("consolidation_args"), "use_cpu": not torch.cuda.is_available(),
             "output_dir": self._phase_dir(f"s{k}-consolidate"), "seed": seed,
