@@ -228,7 +228,8 @@ class SleepConfig:
         method (`str`, defaults to `"sleep"`):
             What the run does with each session, every arm with the same optimizer steps per session (wake steps +
             consolidation steps: `consolidation_args.max_steps`, or with `max_steps: -1` the steps the sleep's
-            epochs over its prompts take, `consolidation_steps`) and the same trainable parameters per session (two experts' worth):
+            epochs over its prompts take, `consolidation_steps`) and the same trainable parameters per session (two
+            experts' worth):
             `"sleep"`: wake in the fast expert, consolidate into a new slow expert, prune (and dream); `"sequential"`:
             plain sequential fine-tuning of one fast and one slow expert, never reset; `"replay"`: the same, also
             rehearsing `replay_prompts` questions of every earlier session answered by the model itself before
