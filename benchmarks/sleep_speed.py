@@ -6,8 +6,11 @@ run's `consolidation_args`, `--steps` steps) in every arm, interleaved (arm A, a
 load falls on all of them alike:
 
     before      `teacher_cache: off`, `imitation_prefix_sharing: false`, `teacher_shared_prefill: false`,
-                `teacher_sampling_rounds: off` (the teacher samples every batch token by token, each imitation
-                continuation reads its prefix again): the path before the fast-sleep work
+                `teacher_sampling_rounds: off`, `student_shared_prefix: false` (the teacher samples every batch
+                token by token, each imitation continuation reads its prefix again, the student reads every
+                prompt's chat header): the path before the fast-sleep work
+    unshared-student  the defaults but `student_shared_prefix: false` (what reading the prompts' shared prefix
+                once saves per step)
     plain-fill  the teacher cache, but its fill runs one `generate` over every copy of a prompt until the longest
                 row of the batch ends (`teacher_shared_prefill: false`, `teacher_sampling_rounds: off`)
     shared      the fill reads each distinct prompt once (`teacher_sampling_rounds: off`)
@@ -17,8 +20,9 @@ load falls on all of them alike:
 
 each at `alpha: 1` (distillation only) and at `alpha: 0.5` (the Learning-to-Imitate term on, MiniLM judge) unless
 `--arms`/`--alphas` pick fewer. The teacher cache is filled for the whole sleep the figures project to
-(`--sleep_steps`, default the recipe's `max_steps`: each prompt sampled as often as that sleep draws it, 6 times in
-session 0 of the main job) while only `--steps` steps are trained. Prints the one-time teacher-cache fill, seconds
+(`--sleep_steps`, default the steps of the recipe's sleep on session 0: `max_steps`, or with `max_steps: -1` what
+its epochs run; each prompt sampled as often as that sleep draws it: 6 times in session 0 at 40 steps, 4 at the
+main job's 4 epochs) while only `--steps` steps are trained. Prints the one-time teacher-cache fill, seconds
 per step, the projected time of the sleep and the ratios: consolidation speed-up (target >= 2x), the fill's
 speed-up from the shared prefill and the rounds, and the Learning-to-Imitate cost over `alpha: 1` (target <= 2x).
 
@@ -59,7 +63,8 @@ from sleep_trl.sleep.data import consolidation_prompts  # noqa: E402
 
 ARMS = {
     "before": {"teacher_cache": "off", "imitation_prefix_sharing": False, "teacher_shared_prefill": False,
-               "teacher_sampling_rounds": "off"},
+               "teacher_sampling_rounds": "off", "student_shared_prefix": False},
+    "unshared-student": {"student_shared_prefix": False},
     "plain-fill": {"teacher_shared_prefill": False, "teacher_sampling_rounds": "off"},
     "shared": {"teacher_sampling_rounds": "off"},
     "after": {},
@@ -107,7 +112,8 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument("--alphas", nargs="+", type=float, default=[1.0, 0.5])
     parser.add_argument("--sleep_steps", type=int, default=None,
-                        help="the sleep to project to and fill the cache for (default: the recipe's max_steps)")
+                        help="the sleep to project to and fill the cache for (default: the steps the recipe's "
+                             "sleep on session 0 runs)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -120,7 +126,7 @@ def main() -> None:
     prompts = consolidation_prompts(stream, 0, config.replay_prompts, config.seed, with_context=False,
                                     tokenizer=tokenizer, system_prompt=config.system_prompt)
     fields = config.phase_fields("consolidation_args")
-    sleep_steps = a.sleep_steps or fields["max_steps"]
+    sleep_steps = a.sleep_steps or config.consolidation_steps(len(prompts))  # max_steps, or its epochs' steps
     samples = math.ceil(sleep_steps * fields["per_device_train_batch_size"] / len(prompts))
     runs = {(arm, alpha): [] for alpha in a.alphas for arm in a.arms}
     for repeat in range(a.repeats):
@@ -149,6 +155,9 @@ def main() -> None:
                 ratios[f"teacher-cache fill at alpha {alpha:g} ({arm} / after)"] = (
                     med[(arm, alpha)]["fill"] / med[("after", alpha)]["fill"])
                 ratios[f"sleep at alpha {alpha:g} ({arm} / after)"] = project[(arm, alpha)] / project[("after", alpha)]
+        if ("unshared-student", alpha) in med and ("after", alpha) in med:
+            ratios[f"per step at alpha {alpha:g} (unshared-student / after)"] = (
+                med[("unshared-student", alpha)]["per_step"] / med[("after", alpha)]["per_step"])
     for arm in a.arms:
         if (arm, 0.5) in med and (arm, 1.0) in med:
             ratios[f"imitation cost per step, {arm} (alpha 0.5 / alpha 1)"] = (
@@ -157,7 +166,7 @@ def main() -> None:
         console.print(f"{label}: {value:.2f}x")
     if a.json:
         a.json.write_text(json.dumps({"median": {f"{k[0]}-{k[1]}": v for k, v in med.items()},
-                                      "projected_40_steps": {f"{k[0]}-{k[1]}": v for k, v in project.items()},
+                                      "projected_sleep": {f"{k[0]}-{k[1]}": v for k, v in project.items()},
                                       "ratios": ratios, "steps": a.steps, "repeats": a.repeats,
                                       "sleep_steps": sleep_steps, "teacher_samples_per_prompt": samples}, indent=2))
 

@@ -25,7 +25,10 @@ ZERO3 = ROOT / "recipes/accelerate/zero3_cpu.yaml"
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 COMMON = ["--consolidation_args.top_k", "1"]
-ONE = [*COMMON, "--torch_threads", "1", "--consolidation_args.per_device_train_batch_size", "4"]
+# The shared prefix of the wake and of the sleep's student is a one-process path (exact, tested in
+# test_shared_prefix_sft): off here, so both runs compute the same way and log the same metrics.
+ONE = [*COMMON, "--torch_threads", "1", "--consolidation_args.per_device_train_batch_size", "4",
+       "--shared_prefix", "false", "--consolidation_args.student_shared_prefix", "false"]
 TWO = [*COMMON, "--consolidation_args.per_device_train_batch_size", "2", "--wake_args.per_device_train_batch_size", "4"]
 
 

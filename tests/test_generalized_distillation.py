@@ -979,3 +979,34 @@ def test_router_loss_is_the_same_from_packed_rows(tmp_path, tiny_dir, tiny_token
     for name in packed_grads:
         torch.testing.assert_close(packed_grads[name], plain_grads[name], atol=1e-5, rtol=1e-4)
     assert any(float(g.abs().sum()) > 0 for g in packed_grads.values())
+
+
+def test_the_students_shared_prompt_prefix_read_once_gives_the_same_loss_and_gradients(tmp_path, student_dir,
+                                                                                      teacher_dir):
+    """Chat prompts start with the same template tokens: with `student_shared_prefix` the student's distillation
+    forward reads them once (KV cache repeated along the batch) and gets the plain forward's loss and gradients."""
+    trainer = GeneralizedDistillationTrainer(
+        model=str(student_dir), teacher_model=str(teacher_dir), train_dataset=prompts(4),
+        args=cpu_args(tmp_path, alpha=1.0, lmbda=0.0, max_completion_length=8,
+                      trainable_parameters=[r"model\.layers\.[12]\.mlp\..*"]),
+    )
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions([prompts(4)[i] for i in range(4)])
+    student = trainer.model
+
+    def loss_and_grads(shared: bool):
+        trainer.args.student_shared_prefix = shared
+        student.zero_grad()
+        loss = trainer._compute_loss(student, dict(batch), batch["num_items_in_batch"])[0]
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+    plain_loss, plain_grads = loss_and_grads(False)
+    assert trainer._shared_prefix_batches == 0
+    shared_loss, shared_grads = loss_and_grads(True)
+    assert trainer._shared_prefix_batches == 1
+    torch.testing.assert_close(shared_loss, plain_loss, atol=1e-5, rtol=1e-5)
+    assert shared_grads.keys() == plain_grads.keys() and shared_grads
+    for name in plain_grads:
+        assert (shared_grads[name] - plain_grads[name]).norm() <= 1e-5 * plain_grads[name].norm(), name
+    assert any(float(g.abs().sum()) > 0 for g in plain_grads.values())

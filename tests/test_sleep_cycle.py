@@ -93,6 +93,40 @@ def test_fast_level_is_reset_after_consolidation_and_slow_experts_accumulate(fin
                     assert torch.equal(tensors[key], before[key]), key
 
 
+def test_the_wake_reads_its_batches_shared_prefix_once_and_learns_the_same(finished_run, tmp_path):
+    """`shared_prefix` (on by default) changes what the wake's forwards read, not what it learns."""
+    _, report = finished_run
+    off = run_cycle(tiny_config(tmp_path / "off", "--shared_prefix", "false"))
+
+    def wakes(r):
+        return [p["metrics"] for p in r["phases"] if p["phase"] == "wake"]
+
+    assert sum(m.get("shared_prefix_batches", 0) for m in wakes(report)) > 0
+    assert all("shared_prefix_batches" not in m for m in wakes(off))
+    for on_wake, off_wake in zip(wakes(report), wakes(off), strict=True):
+        assert on_wake["train_loss"] == pytest.approx(off_wake["train_loss"], abs=1e-3)
+    assert report["accuracy_matrix"]["R"] == off["accuracy_matrix"]["R"]
+
+
+def test_eval_awake_reports_what_consolidation_keeps_of_the_awake_accuracy(finished_run, tmp_path):
+    """`eval_awake` asks each session after its wake; the report divides the diagonal by it. Training is unchanged."""
+    _, report = finished_run
+    assert report["consolidation"] is None  # off by default
+    awake_run = run_cycle(tiny_config(tmp_path / "awake", "--eval_awake", "true"))
+    wakes = [p["metrics"] for p in awake_run["phases"] if p["phase"] == "wake"]
+    block = awake_run["consolidation"]
+    R = awake_run["accuracy_matrix"]["R"]
+    assert block["sessions"] == [0, 1]
+    assert block["awake_accuracy"] == [m["awake_accuracy"] for m in wakes]
+    assert all(0.0 <= a <= 1.0 for a in block["awake_accuracy"])
+    assert block["diagonal"] == [R[0][0], R[1][1]]
+    for awake, diag, kept in zip(block["awake_accuracy"], block["diagonal"], block["retention"], strict=True):
+        assert kept == (None if awake == 0 else pytest.approx(diag / awake, abs=1e-4))
+    assert R == report["accuracy_matrix"]["R"]  # asking questions in between trains nothing differently
+    for a, b in zip(wakes, [p["metrics"] for p in report["phases"] if p["phase"] == "wake"], strict=True):
+        assert a["train_loss"] == b["train_loss"]
+
+
 def test_existing_run_with_another_config_is_refused(finished_run):
     from sleep_trl.sleep.ledger import LedgerMismatchError
 
@@ -498,3 +532,18 @@ def test_router_loss_acts_from_the_first_sleep_with_replayed_rows(tmp_path):
     first, second = [p["metrics"] for p in report["phases"] if p["phase"] == "consolidate"]
     assert "router_loss_last" not in first
     assert second["router_loss_last"] > 0
+
+
+def test_consolidation_block_divides_each_diagonal_cell_by_the_awake_accuracy():
+    from types import SimpleNamespace
+
+    from sleep_trl.sleep.ledger import PhaseRecord
+    from sleep_trl.sleep.report import consolidation_block
+
+    phases = [PhaseRecord(0, "wake", 1.0, metrics={"awake_accuracy": 0.8}), PhaseRecord(0, "consolidate", 1.0),
+              PhaseRecord(1, "wake", 1.0, metrics={"awake_accuracy": 0.0}), PhaseRecord(2, "wake", 1.0)]
+    matrix = SimpleNamespace(R=[[0.6, None, None], [0.5, 0.4, None], [0.5, 0.4, 0.3]])
+    block = consolidation_block(SimpleNamespace(phases=phases), matrix)
+    assert block == {"sessions": [0, 1], "awake_accuracy": [0.8, 0.0], "diagonal": [0.6, 0.4],
+                     "retention": [0.75, None]}
+    assert consolidation_block(SimpleNamespace(phases=phases[1:2]), matrix) is None

@@ -109,8 +109,8 @@ def parse_layers(spec) -> list[int]:
 
 
 # Fields of the sleep config itself that do not change what a run computes.
-_NOT_IDENTITY = ("output_dir", "torch_threads", "frozen_trunk", "report_to", "run_name", "push_to_hub",
-                 "hub_model_id", "hub_private_repo")
+_NOT_IDENTITY = ("output_dir", "torch_threads", "frozen_trunk", "shared_prefix", "eval_awake", "report_to",
+                 "run_name", "push_to_hub", "hub_model_id", "hub_private_repo")
 
 
 class SectionError(SleepTrlError):
@@ -189,6 +189,11 @@ class SleepConfig:
             reads the teacher's samples with the states recorded while they were generated. Exact (same loss and
             gradients to float rounding), so not part of the run's identity; a no-op when the memory starts at layer
             0, and off under DeepSpeed or FSDP. `false` only to measure what it saves.
+        shared_prefix (`bool`, defaults to `True`):
+            A wake batch whose rows start alike (the chat template's header and system prompt) runs that prefix
+            once (`sleep_trl.trainers.SharedPrefixSFTTrainer`): exact (same loss and gradients to float rounding), so
+            not part of the run's identity; one process without DeepSpeed/FSDP only, and off where the frozen trunk
+            serves the wake. `false` only to measure what it saves.
 
         > Data: the stream of new knowledge (`sleep_trl.data.sessions`)
 
@@ -308,6 +313,10 @@ class SleepConfig:
         eval_max_new_tokens (`int`, defaults to `16`), eval_batch_size (`int`, defaults to `24`).
         eval_future_sessions (`bool`, defaults to `True`):
             Also evaluate sessions not learned yet (zero-shot upper triangle, and forward transfer).
+        eval_awake (`bool`, defaults to `False`):
+            After each wake, also ask the session's own questions before it sleeps (one session's evaluation more per
+            session): the report's `consolidation` block then gives the awake accuracy, the diagonal after the sleep
+            and their ratio, what consolidation keeps of what the fast memory knew. Changes no training.
 
         > Logging and publishing (none of these change what a run computes, nor its resume fingerprint)
 
@@ -341,6 +350,9 @@ class SleepConfig:
     torch_threads: int | None = field(default=None, metadata={"help": "CPU threads for torch."})
     frozen_trunk: bool = field(
         default=True, metadata={"help": "Serve the frozen layers below the memory from a cache (exact)."}
+    )
+    shared_prefix: bool = field(
+        default=True, metadata={"help": "Run the prefix a wake batch's rows share once (exact)."}
     )
     # data
     dataset_name: str | None = field(
@@ -395,6 +407,9 @@ class SleepConfig:
     eval_max_new_tokens: int = field(default=16, metadata={"help": "Tokens per evaluation answer."})
     eval_batch_size: int = field(default=24, metadata={"help": "Evaluation batch size."})
     eval_future_sessions: bool = field(default=True, metadata={"help": "Evaluate future sessions (zero-shot)."})
+    eval_awake: bool = field(
+        default=False, metadata={"help": "Also ask each session's questions after its wake, before it sleeps."}
+    )
     # logging and publishing
     report_to: list[str] | None = field(default=None, metadata={"help": "Integrations every phase reports to."})
     run_name: str | None = field(default=None, metadata={"help": "Prefix of the per-phase run names."})

@@ -92,10 +92,11 @@ class ConsolidationResult:
     distill_loss_last: float | None = None
     router_loss_last: float | None = None
     trunk_served_rows: int | None = None  # rows whose lower layers came from the frozen trunk (None: no trunk)
+    shared_prefix_batches: int | None = None  # student forwards that read the prompts' shared prefix once
 
     def metrics(self) -> dict:
         out = {"steps": self.steps, "train_loss": round(self.train_loss, 4), "prompts": self.prompts}
-        for name in ("distill_loss_last", "router_loss_last", "trunk_served_rows"):
+        for name in ("distill_loss_last", "router_loss_last", "trunk_served_rows", "shared_prefix_batches"):
             if getattr(self, name) is not None:
                 out[name] = round(getattr(self, name), 4)
         return out
@@ -179,6 +180,7 @@ def consolidate(
         distill_loss_last=logs[-1]["distill/loss"] if logs else None,
         router_loss_last=router[-1] if router else None,
         trunk_served_rows=None if trunk is None or trunk.disabled else trunk.served_rows,
+        shared_prefix_batches=trainer._shared_prefix_batches or None,
     )
 
 

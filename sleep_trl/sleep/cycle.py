@@ -20,7 +20,7 @@ import torch
 from datasets import Dataset
 from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
-from trl import RichProgressCallback, SFTTrainer
+from trl import RichProgressCallback
 
 from ..assets import resolve_model_path
 from ..data.sessions import SessionStream, load_stream
@@ -31,6 +31,7 @@ from ..generation.distributed import is_main_process, mean_over_processes, relea
 from ..io import sha256_file
 from ..memory import LevelConfig, MemoryConfig, attach_memory, load_memory
 from ..trainers.dream_trainer import DreamTrainer
+from ..trainers.shared_prefix_sft import SharedPrefixSFTTrainer
 from .baselines import dream_texts, rehearsal_texts
 from .config import SleepConfig
 from .console import quiet_libraries, quiet_trainer
@@ -300,17 +301,32 @@ class SleepCycle:
             per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
             texts = [texts[i] for i in length_grouped_order(lengths, steps * per_step, per_step, seed)]
             args.train_sampling_strategy = "sequential"
-        trainer = SFTTrainer(model=self.model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
-                             processing_class=self.tokenizer, callbacks=self._callbacks())
+        trainer = SharedPrefixSFTTrainer(
+            model=self.model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
+            processing_class=self.tokenizer, callbacks=self._callbacks(), share_prefix=cfg.shared_prefix,
+        )
         # The wake reads its texts once per epoch: the frozen layers below the memory run once per text (exact; a
-        # no-op with a memory in every layer).
+        # no-op with a memory in every layer). Rows read through a KV cache cannot be served from it, so the trunk,
+        # where it is active, takes precedence over the shared prefix.
         trunk = frozen_trunk_for(trainer, mem, cfg.frozen_trunk)
+        if trunk is not None and not trunk.disabled:
+            trainer.share_prefix = False
         with trunk or contextlib.nullcontext():
             result = quiet_trainer(trainer).train()
         if trunk is not None and not trunk.disabled:
             metrics["trunk_served_rows"] = trunk.served_rows  # rows whose lower layers came from the cache
+        stats = trainer.shared_prefix_stats
+        if stats["shared_batches"]:  # tokens the forwards read against the padded batches' (shared prefix)
+            metrics["shared_prefix_batches"] = stats["shared_batches"]
+            metrics["tokens_read"] = stats["tokens_run"]
         release_engine(trainer)
-        return {**metrics, "train_loss": round(mean_over_processes(result.training_loss), 4)}, True
+        metrics["train_loss"] = round(mean_over_processes(result.training_loss), 4)
+        if cfg.eval_awake and cfg.method == "sleep":  # what the fast memory knows, before the sleep consolidates it
+            self.model.eval()
+            awake = self.qa.evaluate(self.model, self.tokenizer, self.stream.sessions[k].eval_qa,
+                                     distributed=world()[0] > 1)
+            metrics["awake_accuracy"] = round(awake.accuracy, 4)
+        return metrics, True
 
     def _consolidation_prompts(self, k: int, seed: int):
         """The rows a sleep on session `k` distils on (its own prompts and the replayed ones)."""

@@ -43,6 +43,25 @@ def _experts(ledger) -> list[dict]:
     ]
 
 
+def consolidation_block(ledger, matrix) -> dict | None:
+    """With `eval_awake`: per session, the awake accuracy (after the wake, before the sleep), the diagonal (after the
+    sleep) and their ratio, `retention` (what consolidation kept of what the fast memory knew; None where the awake
+    model knew nothing)."""
+    awake = {p.session: p.metrics["awake_accuracy"] for p in ledger.phases
+             if p.phase == "wake" and "awake_accuracy" in p.metrics}
+    if not awake:
+        return None
+    sessions = sorted(awake)
+    diagonal = [matrix.R[k][k] for k in sessions]
+    return {
+        "sessions": sessions,
+        "awake_accuracy": [awake[k] for k in sessions],
+        "diagonal": diagonal,
+        "retention": [None if d is None or not awake[k] else round(d / awake[k], 4)
+                      for k, d in zip(sessions, diagonal, strict=True)],
+    }
+
+
 def build_report(cycle, ledger, wall_seconds: float) -> dict:
     cfg = cycle.config
     matrix = cycle.matrix
@@ -67,6 +86,7 @@ def build_report(cycle, ledger, wall_seconds: float) -> dict:
         "seconds_this_invocation": round(wall_seconds, 2),
         "accuracy_matrix": matrix.to_dict(),
         "summary": matrix.summary(),
+        "consolidation": consolidation_block(ledger, matrix),
     }
 
 

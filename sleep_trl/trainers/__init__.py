@@ -4,6 +4,7 @@ from .dream_config import DreamConfig, DreamScriptArguments
 from .dream_trainer import DreamTrainer
 from .generalized_distillation_config import GeneralizedDistillationConfig
 from .generalized_distillation_trainer import GeneralizedDistillationTrainer
+from .shared_prefix_sft import SharedPrefixSFTTrainer
 
 __all__ = [
     "DreamConfig",
@@ -11,4 +12,5 @@ __all__ = [
     "DreamTrainer",
     "GeneralizedDistillationConfig",
     "GeneralizedDistillationTrainer",
+    "SharedPrefixSFTTrainer",
 ]

@@ -28,7 +28,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -40,12 +40,12 @@ from trl.trainer.distillation_trainer import _chunked_divergence_loss
 from trl.trainer.utils import pad
 
 from ..assets import resolve_model_path
-from ..generation.hf import sample_continuations
+from ..generation.hf import cache_keyword, sample_continuations
 from ..generation.vllm_cpu import (
     model_weights,
     without_trl_engine,
 )
-from ..memory import find_memory
+from ..memory import FrozenTrunk, find_memory
 from ..paper import SLEEP_PAPER
 from ..rewards.semantic import SemanticJudge
 from .batching import fill_one_batch, generation_batch_rows
@@ -61,6 +61,7 @@ from .generalized_distillation_objective import (
 )
 from .model_card import NamedBaseModelCardMixin
 from .prefix_sharing import gather_positions, pack_rows
+from .shared_prefix import last_hidden_shared_prefix
 from .teacher_cache import CachedSample, TeacherCache, build_teacher_cache, row_key
 from .teachers import (
     Teacher,
@@ -137,7 +138,7 @@ class GeneralizedDistillationTrainer(NamedBaseModelCardMixin, DistillationTraine
             (built in for `teacher_view: memory`: the long-term memory before this sleep).
     """
 
-    _tag_names = ["trl", "sleep-trl", "knowledge-seeding", "generalized-distillation"]
+    _tag_names: ClassVar[list[str]] = ["trl", "sleep-trl", "knowledge-seeding", "generalized-distillation"]
     _name = "Generalized Distillation (Knowledge Seeding)"
     _paper = SLEEP_PAPER
 
@@ -199,6 +200,7 @@ class GeneralizedDistillationTrainer(NamedBaseModelCardMixin, DistillationTraine
         if self.semantic_judge is None and args.alpha < 1.0 and args.gamma > 0.0:
             self.semantic_judge = SemanticJudge(args.semantic_judge, threshold=args.semantic_threshold)
         self._generation_round = 0
+        self._shared_prefix_batches = 0  # student forwards that read their prompts' shared prefix once
         self._batch: _GenerationBatch | None = None
         self._teacher_cache: TeacherCache | None = None
         self.uses_teacher_cache = self._teacher_can_be_cached(args)
@@ -698,6 +700,25 @@ class GeneralizedDistillationTrainer(NamedBaseModelCardMixin, DistillationTraine
         mask = torch.zeros(B, length, device=completion_mask.device)
         return mask.scatter_reduce(1, positions.to(mask.device), completion_mask.float(), reduce="amax").bool()
 
+    def _student_last_hidden(self, student, input_ids, attention_mask, K: int) -> torch.Tensor:
+        """TRL's `_get_last_hidden_state`, with the prefix the batch's prompts share read once where that is exact and
+        simple (`student_shared_prefix`, see its docstring)."""
+        args = self.args
+        checkpointing = getattr(args, "activation_checkpointing", None)
+        if checkpointing is None:
+            checkpointing = args.gradient_checkpointing
+        if (
+            args.student_shared_prefix and student.training and self.accelerator.num_processes == 1
+            and not (self.is_deepspeed_enabled or self.is_fsdp_enabled or checkpointing or self._is_vlm)
+            and self._router_memory is None and FrozenTrunk.active_for(student) is None
+        ):
+            backbone = backbone_of(student)
+            hidden = last_hidden_shared_prefix(backbone, input_ids, attention_mask, K, cache_keyword(backbone))
+            if hidden is not None:
+                self._shared_prefix_batches += 1
+                return hidden
+        return self._get_last_hidden_state(student, input_ids, attention_mask, K)
+
     def _head(self, module, sliced: bool):
         return self.teachers.head(module, sliced, self.vocab_size)
 
@@ -713,7 +734,7 @@ class GeneralizedDistillationTrainer(NamedBaseModelCardMixin, DistillationTraine
             t_ids, t_mask = input_ids, attention_mask
         K = completion_ids.size(1)
         if student_hidden is None:
-            student_hidden = self._get_last_hidden_state(student, input_ids, attention_mask, K)
+            student_hidden = self._student_last_hidden(student, input_ids, attention_mask, K)
         h_s = student_hidden
         if "teacher_hidden_0" in inputs:  # off-policy batch with cached teacher hidden states: no teacher forward
             h_ts = [inputs[f"teacher_hidden_{t}"] for t in range(len(self.teachers))]
