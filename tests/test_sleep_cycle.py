@@ -547,3 +547,9 @@ def test_consolidation_block_divides_each_diagonal_cell_by_the_awake_accuracy():
     assert block == {"sessions": [0, 1], "awake_accuracy": [0.8, 0.0], "diagonal": [0.6, 0.4],
                      "retention": [0.75, None]}
     assert consolidation_block(SimpleNamespace(phases=phases[1:2]), matrix) is None
+
+
+@pytest.mark.parametrize("flags", [["--method", "replay"], ["--wake", "context"]])
+def test_eval_awake_without_a_sleeping_fast_wake_is_refused_naming_the_field(tmp_path, flags):
+    with pytest.raises(ValueError, match="eval_awake"):
+        tiny_config(tmp_path / "run", "--eval_awake", "true", *flags)

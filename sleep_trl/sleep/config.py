@@ -316,7 +316,8 @@ class SleepConfig:
         eval_awake (`bool`, defaults to `False`):
             After each wake, also ask the session's own questions before it sleeps (one session's evaluation more per
             session): the report's `consolidation` block then gives the awake accuracy, the diagonal after the sleep
-            and their ratio, what consolidation keeps of what the fast memory knew. Changes no training.
+            and their ratio, what consolidation keeps of what the fast memory knew. Changes no training. Needs
+            `method: sleep` and `wake: fast`.
 
         > Logging and publishing (none of these change what a run computes, nor its resume fingerprint)
 
@@ -472,6 +473,9 @@ class SleepConfig:
                 validate_repo_id(self.hub_model_id)
             except HFValidationError as err:
                 raise ValueError(f"`hub_model_id` is not a Hub repository name ('user/name' or 'name'): {err}") from None
+        if self.eval_awake and (self.method != "sleep" or self.wake != "fast"):
+            raise ValueError("`eval_awake: true` asks each session after its wake, before it sleeps: it needs "
+                             "`method: sleep` and `wake: fast` (the other arms are evaluated right after their wake).")
         if self.memory_layers != "all":
             try:
                 parse_layers(self.memory_layers)
