@@ -14,6 +14,7 @@ _LAZY = {
     "GeneralizedDistillationConfig": "sleep_trl.trainers.generalized_distillation_config",
     "GeneralizedDistillationTrainer": "sleep_trl.trainers.generalized_distillation_trainer",
     "MemoryCheckpointCallback": "sleep_trl.sleep.callback",
+    "SharedPrefixSFTTrainer": "sleep_trl.trainers.shared_prefix_sft",
     "SleepCallback": "sleep_trl.sleep.callback",
     "SleepConfig": "sleep_trl.sleep.config",
     "SleepCycle": "sleep_trl.sleep.cycle",
@@ -43,4 +44,5 @@ if TYPE_CHECKING:  # pragma: no cover
         DreamTrainer,
         GeneralizedDistillationConfig,
         GeneralizedDistillationTrainer,
+        SharedPrefixSFTTrainer,
     )
