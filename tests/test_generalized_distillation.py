@@ -746,6 +746,16 @@ def test_teacher_cache_only_when_the_teacher_cannot_change(tmp_path, student_dir
     assert not trainer_for(names, cache="off").uses_teacher_cache
 
 
+def loss_and_grads_with(trainer, batch, flag: str, value: bool):
+    """`_compute_loss` and the student's gradients on `batch` with `trainer.args.<flag> = value`."""
+    setattr(trainer.args, flag, value)
+    student = trainer.model
+    student.zero_grad()
+    loss = trainer._compute_loss(student, dict(batch), batch["num_items_in_batch"])[0]
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+
 @pytest.mark.parametrize("lmbda", [0.0, 1.0], ids=["teacher-written", "on-policy"])
 def test_shared_prefix_rows_give_the_losses_and_gradients_of_separate_rows(tmp_path, student_dir, teacher_dir, lmbda):
     """One packed forward for the distillation sequence and the G continuations of each prompt computes the same
@@ -759,17 +769,8 @@ def test_shared_prefix_rows_give_the_losses_and_gradients_of_separate_rows(tmp_p
     trainer.model.train()
     batch = trainer._generate_and_score_completions([prompts(4)[i] for i in range(4)])
     assert bool(batch["imit_shares_sequence"].all()) == (lmbda == 0.0)
-    student = trainer.model
-
-    def loss_and_grads(shared: bool):
-        trainer.args.imitation_prefix_sharing = shared
-        student.zero_grad()
-        loss = trainer._compute_loss(student, dict(batch), batch["num_items_in_batch"])[0]
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
-
-    shared_loss, shared_grads = loss_and_grads(True)
-    separate_loss, separate_grads = loss_and_grads(False)
+    shared_loss, shared_grads = loss_and_grads_with(trainer, batch, "imitation_prefix_sharing", True)
+    separate_loss, separate_grads = loss_and_grads_with(trainer, batch, "imitation_prefix_sharing", False)
     torch.testing.assert_close(shared_loss, separate_loss, atol=1e-5, rtol=1e-5)
     assert shared_grads.keys() == separate_grads.keys() and shared_grads
     for name in shared_grads:
@@ -992,18 +993,9 @@ def test_the_students_shared_prompt_prefix_read_once_gives_the_same_loss_and_gra
     )
     trainer.model.train()
     batch = trainer._generate_and_score_completions([prompts(4)[i] for i in range(4)])
-    student = trainer.model
-
-    def loss_and_grads(shared: bool):
-        trainer.args.student_shared_prefix = shared
-        student.zero_grad()
-        loss = trainer._compute_loss(student, dict(batch), batch["num_items_in_batch"])[0]
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
-
-    plain_loss, plain_grads = loss_and_grads(False)
+    plain_loss, plain_grads = loss_and_grads_with(trainer, batch, "student_shared_prefix", False)
     assert trainer._shared_prefix_batches == 0
-    shared_loss, shared_grads = loss_and_grads(True)
+    shared_loss, shared_grads = loss_and_grads_with(trainer, batch, "student_shared_prefix", True)
     assert trainer._shared_prefix_batches == 1
     torch.testing.assert_close(shared_loss, plain_loss, atol=1e-5, rtol=1e-5)
     assert shared_grads.keys() == plain_grads.keys() and shared_grads

@@ -61,7 +61,7 @@ from .generalized_distillation_objective import (
 )
 from .model_card import NamedBaseModelCardMixin
 from .prefix_sharing import gather_positions, pack_rows
-from .shared_prefix import last_hidden_shared_prefix
+from .shared_prefix import last_hidden_shared_prefix, sharing_applies
 from .teacher_cache import CachedSample, TeacherCache, build_teacher_cache, row_key
 from .teachers import (
     Teacher,
@@ -703,13 +703,8 @@ class GeneralizedDistillationTrainer(NamedBaseModelCardMixin, DistillationTraine
     def _student_last_hidden(self, student, input_ids, attention_mask, K: int) -> torch.Tensor:
         """TRL's `_get_last_hidden_state`, with the prefix the batch's prompts share read once where that is exact and
         simple (`student_shared_prefix`, see its docstring)."""
-        args = self.args
-        checkpointing = getattr(args, "activation_checkpointing", None)
-        if checkpointing is None:
-            checkpointing = args.gradient_checkpointing
         if (
-            args.student_shared_prefix and student.training and self.accelerator.num_processes == 1
-            and not (self.is_deepspeed_enabled or self.is_fsdp_enabled or checkpointing or self._is_vlm)
+            self.args.student_shared_prefix and sharing_applies(self) and not self._is_vlm
             and self._router_memory is None and FrozenTrunk.active_for(student) is None
         ):
             backbone = backbone_of(student)

@@ -18,6 +18,21 @@ from transformers import DynamicCache
 MIN_SHARED_TOKENS = 4
 
 
+def sharing_applies(trainer) -> bool:
+    """Where a prefix may be read once for a whole batch: one process without DeepSpeed/FSDP (a second forward of a
+    wrapped model per step is not what those wrappers expect), no activation checkpointing, in training."""
+    args = trainer.args
+    # transformers 5.2x renamed `gradient_checkpointing` to `activation_checkpointing` (the old name an alias)
+    checkpointing = getattr(args, "activation_checkpointing", None)
+    if checkpointing is None:
+        checkpointing = args.gradient_checkpointing
+    return (
+        trainer.model.training
+        and trainer.accelerator.num_processes == 1
+        and not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled or checkpointing)
+    )
+
+
 def shared_prefix_length(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor) -> int:
     """Length of the prefix every row of a right-padded batch shares: same token ids, same labels, no padding."""
     same = (input_ids == input_ids[:1]) & (labels == labels[:1]) & attention_mask.bool()

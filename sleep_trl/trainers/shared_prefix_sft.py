@@ -30,7 +30,7 @@ from transformers import DynamicCache
 from trl import SFTTrainer
 
 from ..generation.hf import cache_keyword
-from .shared_prefix import MIN_SHARED_TOKENS, shared_prefix_length
+from .shared_prefix import MIN_SHARED_TOKENS, shared_prefix_length, sharing_applies
 
 _PLAIN_KEYS = {"input_ids", "labels", "attention_mask", "use_cache"}
 
@@ -54,17 +54,9 @@ class SharedPrefixSFTTrainer(SFTTrainer):
         self.shared_prefix_stats = {"batches": 0, "shared_batches": 0, "tokens": 0, "tokens_run": 0}
 
     def _sharing_applies(self, inputs) -> bool:
-        args = self.args
-        # transformers 5.2x renamed `gradient_checkpointing` to `activation_checkpointing` (the old name an alias)
-        checkpointing = getattr(args, "activation_checkpointing", None)
-        if checkpointing is None:
-            checkpointing = args.gradient_checkpointing
         return (
             self.share_prefix
-            and self.model.training
-            and self.accelerator.num_processes == 1
-            and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
-            and not checkpointing
+            and sharing_applies(self)
             and not self.aux_loss_enabled
             and set(inputs) <= _PLAIN_KEYS
             and inputs["input_ids"].size(0) > 1
