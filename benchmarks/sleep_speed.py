@@ -9,14 +9,14 @@ load falls on all of them alike:
                 `teacher_sampling_rounds: off`, `student_shared_prefix: false` (the teacher samples every batch
                 token by token, each imitation continuation reads its prefix again, the student reads every
                 prompt's chat header): the path before the fast-sleep work
-    shared-student  the defaults plus `student_shared_prefix: true` (what reading the prompts' shared prefix once
-                saves per step; off by default, see its docstring)
+    unshared-student  the defaults but `student_shared_prefix: false` (what reading the prompts' shared prefix
+                once saves per step)
     plain-fill  the teacher cache, but its fill runs one `generate` over every copy of a prompt until the longest
                 row of the batch ends (`teacher_shared_prefill: false`, `teacher_sampling_rounds: off`)
     shared      the fill reads each distinct prompt once (`teacher_sampling_rounds: off`)
     after       the defaults (teacher samples, hidden states and imitation cuts once per sleep, each prompt read
                 once however often it is sampled, rows sampled in rounds that drop the ended ones; shared
-                imitation prefixes)
+                imitation prefixes; the student reads its prompts' shared prefix once)
 
 each at `alpha: 1` (distillation only) and at `alpha: 0.5` (the Learning-to-Imitate term on, MiniLM judge) unless
 `--arms`/`--alphas` pick fewer. The teacher cache is filled for the whole sleep the figures project to
@@ -64,7 +64,7 @@ from sleep_trl.sleep.data import consolidation_prompts  # noqa: E402
 ARMS = {
     "before": {"teacher_cache": "off", "imitation_prefix_sharing": False, "teacher_shared_prefill": False,
                "teacher_sampling_rounds": "off", "student_shared_prefix": False},
-    "shared-student": {"student_shared_prefix": True},
+    "unshared-student": {"student_shared_prefix": False},
     "plain-fill": {"teacher_shared_prefill": False, "teacher_sampling_rounds": "off"},
     "shared": {"teacher_sampling_rounds": "off"},
     "after": {},
@@ -155,9 +155,9 @@ def main() -> None:
                 ratios[f"teacher-cache fill at alpha {alpha:g} ({arm} / after)"] = (
                     med[(arm, alpha)]["fill"] / med[("after", alpha)]["fill"])
                 ratios[f"sleep at alpha {alpha:g} ({arm} / after)"] = project[(arm, alpha)] / project[("after", alpha)]
-        if ("shared-student", alpha) in med and ("after", alpha) in med:
-            ratios[f"per step at alpha {alpha:g} (after / shared-student)"] = (
-                med[("after", alpha)]["per_step"] / med[("shared-student", alpha)]["per_step"])
+        if ("unshared-student", alpha) in med and ("after", alpha) in med:
+            ratios[f"per step at alpha {alpha:g} (unshared-student / after)"] = (
+                med[("unshared-student", alpha)]["per_step"] / med[("after", alpha)]["per_step"])
     for arm in a.arms:
         if (arm, 0.5) in med and (arm, 1.0) in med:
             ratios[f"imitation cost per step, {arm} (alpha 0.5 / alpha 1)"] = (

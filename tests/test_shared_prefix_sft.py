@@ -187,3 +187,36 @@ def test_last_hidden_shared_prefix_declines_batches_it_cannot_share(tiny_tokeniz
     assert last_hidden_shared_prefix(backbone, short, mask, K, "cache") is None  # 2 shared tokens: too few
     one, mask, K = prompt_completion_rows(8, [3], [2], len(tiny_tokenizer), 0)
     assert last_hidden_shared_prefix(backbone, one, mask, K, "cache") is None  # one row
+
+
+def test_a_model_checkpointed_by_another_trainer_takes_sfts_own_path(tiny_tokenizer, tmp_path):
+    """Checkpointing switched on on the model itself (as TRL's `SFTConfig` does by default for the user's trainer a
+    `SleepCallback` consolidates), not in this trainer's arguments: its layers would drop the prefix's cache."""
+    model, _ = memory_model(tiny_tokenizer, "qwen2")
+    t = trainer(model, tiny_tokenizer, tmp_path, share=True)
+    t.model.gradient_checkpointing_enable()
+    t.model.train()
+    inputs = batch(9, [4, 6], len(tiny_tokenizer), tiny_tokenizer.pad_token_id)
+    loss, grads = loss_and_grads(t, inputs)
+    assert t.shared_prefix_stats["shared_batches"] == 0
+    t.model.gradient_checkpointing_disable()
+    plain = trainer(model, tiny_tokenizer, tmp_path, share=False)
+    plain_loss, plain_grads = loss_and_grads(plain, inputs)
+    torch.testing.assert_close(loss, plain_loss, atol=1e-6, rtol=1e-6)
+
+
+def test_last_hidden_shared_prefix_declines_a_model_that_fills_no_cache(tiny_tokenizer):
+    """A checkpointing model in training runs its layers with the cache off: the prefix would be read into nothing
+    and every row's remaining tokens would attend to no prefix (hidden states off by ~2 on the callback's model)."""
+    from sleep_trl.generation.hf import cache_keyword
+    from sleep_trl.trainers.shared_prefix import last_hidden_shared_prefix
+    from sleep_trl.trainers.teachers import backbone_of
+
+    model, _ = memory_model(tiny_tokenizer, "qwen2")
+    model.gradient_checkpointing_enable()
+    model.train()
+    ids, mask, K = prompt_completion_rows(7, [3, 6, 1, 4], [2, 4, 3, 1], len(tiny_tokenizer), 0)
+    backbone = backbone_of(model)
+    assert last_hidden_shared_prefix(backbone, ids, mask, K, cache_keyword(backbone)) is None
+    with torch.no_grad():  # no backward to replay: the layers keep their cache, and sharing is exact again
+        assert last_hidden_shared_prefix(backbone, ids, mask, K, cache_keyword(backbone)) is not None

@@ -88,9 +88,10 @@ _WHY_FIXED = {
     "push_to_hub": "the sleep job pushes the final model: set the sleep config's `push_to_hub`",
     "hub_model_id": "the sleep job pushes the final model: set the sleep config's `hub_model_id`",
 }
-# Section fields that do not change what a run computes (left out of the resume fingerprint).
+# Section fields that do not change what a run computes (left out of the resume fingerprint). `student_shared_prefix`
+# changes what the student's forward reads, not its values (float rounding; the cycle test compares every weight).
 _NOT_RESULTS = {"report_to", "logging_steps", "logging_first_step", "disable_tqdm", "num_dreams_to_print", "run_name",
-                "logging_dir", "log_level", "logging_strategy", "log_completions"}
+                "logging_dir", "log_level", "logging_strategy", "log_completions", "student_shared_prefix"}
 
 
 def parse_layers(spec) -> list[int]:

@@ -65,14 +65,15 @@ class GeneralizedDistillationConfig(DistillationConfig):
             (repeated along the batch), and its loss forward packs the distillation sequence and every continuation
             of a prompt into one row with a 4D attention mask (`prefix_sharing.py`; every token computes what it
             computes in a row of its own). `False` runs every continuation as a row of its own.
-        student_shared_prefix (`bool`, *optional*, defaults to `False`):
+        student_shared_prefix (`bool`, *optional*, defaults to `True`):
             When the prompts of a batch start alike (a chat template's header and system prompt), the student's
             distillation forward reads that prefix once: one forward fills a KV cache, repeated along the batch, and
             each row's remaining tokens run after it (`shared_prefix.py`: the same hidden states and gradients to
             float rounding). One process without DeepSpeed/FSDP, no activation checkpointing, no frozen trunk serving
-            the student, no router loss; other batches run TRL's plain forward. Off by default: exact in its tests,
-            but inside `SleepCallback` with plain (non-chat) prompts its hidden states were found to differ from the
-            plain forward's (the DDP parity test), a bug not yet found.
+            the student, no router loss; other batches run TRL's plain forward. Activation checkpointing is read off
+            the model too (a model another trainer turned it on for, like the `SFTTrainer` a `SleepCallback` serves,
+            would drop the prefix's cache in training), and a prefix forward that filled no cache falls back to the
+            plain forward.
         epsilon (`float`, *optional*, defaults to `0.2`):
             Clipping range of the policy ratio in the imitation objective (PPO/GRPO style).
         scale_advantages (`bool`, *optional*, defaults to `True`):
@@ -202,7 +203,7 @@ class GeneralizedDistillationConfig(DistillationConfig):
         default=True, metadata={"help": "Read each teacher prefix once (shared KV cache, packed loss forward)."}
     )
     student_shared_prefix: bool = field(
-        default=False, metadata={"help": "The student's forward reads the prefix a batch's prompts share once."}
+        default=True, metadata={"help": "The student's forward reads the prefix a batch's prompts share once."}
     )
     epsilon: float = field(default=0.2, metadata={"help": "Clip range of the imitation policy ratio."})
     scale_advantages: bool = field(

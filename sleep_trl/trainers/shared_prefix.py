@@ -20,12 +20,20 @@ MIN_SHARED_TOKENS = 4
 
 def sharing_applies(trainer) -> bool:
     """Where a prefix may be read once for a whole batch: one process without DeepSpeed/FSDP (a second forward of a
-    wrapped model per step is not what those wrappers expect), no activation checkpointing, in training."""
+    wrapped model per step is not what those wrappers expect), no activation checkpointing, in training.
+
+    Checkpointing is read off the model as well as the trainer's arguments: a model another trainer enabled it on
+    (`SleepCallback` consolidates the user's `SFTTrainer` model, and TRL's `SFTConfig` turns checkpointing on by
+    default) runs its layers with `use_cache=False` in training, so a prefix forward fills no cache and the rows
+    after it would silently attend to nothing."""
     args = trainer.args
     # transformers 5.2x renamed `gradient_checkpointing` to `activation_checkpointing` (the old name an alias)
     checkpointing = getattr(args, "activation_checkpointing", None)
     if checkpointing is None:
         checkpointing = args.gradient_checkpointing
+    # the layers' own flag: `is_gradient_checkpointing` is deprecated in 5.2x, and a PEFT wrapper hides neither
+    checkpointing = checkpointing or any(getattr(m, "gradient_checkpointing", False) is True
+                                         for m in trainer.model.modules())
     return (
         trainer.model.training
         and trainer.accelerator.num_processes == 1
@@ -65,6 +73,8 @@ def last_hidden_shared_prefix(backbone, input_ids, attention_mask, logits_to_kee
         return None
     cache = DynamicCache(config=backbone.config)
     backbone(input_ids=input_ids[:1, int(starts[0]) : int(starts[0]) + shared], **{keyword: cache}, use_cache=True)
+    if cache.get_seq_length() != shared:  # the model declined to fill the cache (see `sharing_applies`)
+        return None
     cache.batch_repeat_interleave(rows)
     rest = width - starts - shared  # each row's tokens after the prefix (completion padding included)
     tail = int(rest.max())
