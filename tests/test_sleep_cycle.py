@@ -285,6 +285,29 @@ def test_a_run_from_before_a_new_field_resumes_when_the_field_keeps_its_default(
         run_cycle(tiny_config(old, "--dream_args.num_random_dreams", "1"))
 
 
+def test_epochs_that_max_steps_overrides_are_not_part_of_a_runs_identity(tmp_path, finished_run):
+    """With `consolidation_args.max_steps > 0` the trainer ignores `num_train_epochs`: a run resumes under a recipe
+    that differs only there (the main job's 4 epochs plus `--consolidation_args.max_steps 40` against a run of the
+    40-step recipe), also from a ledger an older version wrote with the epochs in it; where the epochs do count
+    (`max_steps: -1`) another value is refused."""
+    import shutil
+
+    from sleep_trl.sleep.ledger import LedgerMismatchError
+
+    out, report = finished_run
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    ledger = old / "cycle_state.json"
+    data = json.loads(ledger.read_text())
+    assert "consolidation_args.num_train_epochs" not in data["fingerprint"]  # FAST sets max_steps 2
+    data["fingerprint"]["consolidation_args.num_train_epochs"] = 3.0  # as an older version wrote it
+    ledger.write_text(json.dumps(data))
+    again = run_cycle(tiny_config(old, "--consolidation_args.num_train_epochs", "7"))
+    assert again["accuracy_matrix"]["R"] == report["accuracy_matrix"]["R"]
+    with pytest.raises(LedgerMismatchError, match="consolidation_args.max_steps"):
+        run_cycle(tiny_config(old, "--consolidation_args.max_steps", "-1", "--consolidation_args.num_train_epochs", "7"))
+
+
 def test_wake_batches_group_texts_of_similar_length():
     """Each epoch of the wake is every text once; its batches hold texts of similar length (padding ~1.1x instead of
     ~1.5x with random batches of short questions and long documents)."""

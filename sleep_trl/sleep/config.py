@@ -94,6 +94,14 @@ _NOT_RESULTS = {"report_to", "logging_steps", "logging_first_step", "disable_tqd
                 "logging_dir", "log_level", "logging_strategy", "log_completions", "student_shared_prefix"}
 
 
+def without_overridden_epochs(flat: dict) -> dict:
+    """A flattened fingerprint without `S.num_train_epochs` where `S.max_steps > 0` overrides it (the trainer then
+    ignores the epochs): a run's identity does not hang on a field that changes nothing, so a run made with one
+    recipe resumes with another that reaches the same steps (`--consolidation_args.max_steps 40` on the main job)."""
+    return {k: v for k, v in flat.items()
+            if not (k.endswith(".num_train_epochs") and (flat.get(k[: -len("num_train_epochs")] + "max_steps") or 0) > 0)}
+
+
 def parse_layers(spec) -> list[int]:
     """`"0,2,4"` or `"10-29"` (inclusive ranges, mixable: `"0,10-12"`) as a sorted list of layer indices."""
     layers: set[int] = set()
@@ -612,4 +620,4 @@ class SleepConfig:
         data = self._flat(resolved=True)
         for name in _NOT_IDENTITY:
             data.pop(name)
-        return data
+        return without_overridden_epochs(data)

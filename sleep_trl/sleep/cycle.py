@@ -33,7 +33,7 @@ from ..memory import LevelConfig, MemoryConfig, attach_memory, load_memory
 from ..trainers.dream_trainer import DreamTrainer
 from ..trainers.shared_prefix_sft import SharedPrefixSFTTrainer
 from .baselines import dream_texts, rehearsal_texts
-from .config import SleepConfig
+from .config import SleepConfig, without_overridden_epochs
 from .console import quiet_libraries, quiet_trainer
 from .consolidation import consolidate, frozen_trunk_for
 from .data import consolidation_prompts, length_grouped_order, wake_texts
@@ -132,11 +132,11 @@ class SleepCycle:
 
     def _open_ledger(self) -> Ledger:
         """The main process opens (or starts) the ledger; the others read it once it is there."""
-        defaults = type(self.config).defaults()
-        ledger = Ledger.open(self.output_dir, self.fingerprint(), defaults=defaults) if self.main else None
+        opening = dict(defaults=type(self.config).defaults(), normalize=without_overridden_epochs)
+        ledger = Ledger.open(self.output_dir, self.fingerprint(), **opening) if self.main else None
         wait_for_everyone()
         if ledger is None:
-            ledger = Ledger.open(self.output_dir, self.fingerprint(), defaults=defaults, writer=False)
+            ledger = Ledger.open(self.output_dir, self.fingerprint(), writer=False, **opening)
         return ledger
 
     def _run(self, ledger: Ledger) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,11 +48,12 @@ class Ledger:
 
     @classmethod
     def open(cls, output_dir: str | os.PathLike, fingerprint: dict, defaults: dict | None = None,
-             writer: bool = True) -> Ledger:
+             writer: bool = True, normalize: Callable[[dict], dict] | None = None) -> Ledger:
         """Load the ledger of `output_dir`, or start one. Refuses a directory that holds anything else.
 
         `defaults` maps fields to their default values: a field the stored fingerprint lacks (a run started by an
-        older version, before the field existed) matches when the current value is that default."""
+        older version, before the field existed) matches when the current value is that default. `normalize`
+        rewrites the stored fingerprint as the current version writes one (fields it no longer counts)."""
         output_dir = Path(output_dir)
         path = output_dir / LEDGER_NAME
         if path.exists():
@@ -74,6 +76,8 @@ class Ledger:
             for key, value in (defaults or {}).items():
                 if key in fingerprint and key not in stored and fingerprint[key] == value:
                     stored[key] = value
+            if normalize is not None:
+                stored = normalize(stored)
             if stored != fingerprint:
                 diff = sorted(k for k in set(stored) | set(fingerprint)
                               if k not in stored or k not in fingerprint or stored[k] != fingerprint[k])
