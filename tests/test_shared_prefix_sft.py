@@ -203,6 +203,9 @@ def test_a_model_checkpointed_by_another_trainer_takes_sfts_own_path(tiny_tokeni
     plain = trainer(model, tiny_tokenizer, tmp_path, share=False)
     plain_loss, plain_grads = loss_and_grads(plain, inputs)
     torch.testing.assert_close(loss, plain_loss, atol=1e-6, rtol=1e-6)
+    assert set(grads) == set(plain_grads)
+    for name in plain_grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], atol=1e-5, rtol=1e-5)
 
 
 def test_last_hidden_shared_prefix_declines_a_model_that_fills_no_cache(tiny_tokenizer):

@@ -98,8 +98,11 @@ def without_overridden_epochs(flat: dict) -> dict:
     """A flattened fingerprint without `S.num_train_epochs` where `S.max_steps > 0` overrides it (the trainer then
     ignores the epochs): a run's identity does not hang on a field that changes nothing, so a run made with one
     recipe resumes with another that reaches the same steps (`--consolidation_args.max_steps 40` on the main job)."""
-    return {k: v for k, v in flat.items()
-            if not (k.endswith(".num_train_epochs") and (flat.get(k[: -len("num_train_epochs")] + "max_steps") or 0) > 0)}
+    def overridden(key: str) -> bool:
+        section, _, name = key.rpartition(".")
+        return name == "num_train_epochs" and (flat.get(f"{section}.max_steps") or 0) > 0
+
+    return {k: v for k, v in flat.items() if not overridden(k)}
 
 
 def parse_layers(spec) -> list[int]:
