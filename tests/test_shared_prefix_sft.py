@@ -189,9 +189,14 @@ def test_last_hidden_shared_prefix_declines_batches_it_cannot_share(tiny_tokeniz
     assert last_hidden_shared_prefix(backbone, one, mask, K, "cache") is None  # one row
 
 
-def test_a_model_checkpointed_by_another_trainer_takes_sfts_own_path(tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("seen", [True, False], ids=["flag-read-off-the-model", "cache-guard-alone"])
+def test_a_model_checkpointed_by_another_trainer_takes_sfts_own_path(tiny_tokenizer, tmp_path, monkeypatch, seen):
     """Checkpointing switched on on the model itself (as TRL's `SFTConfig` does by default for the user's trainer a
-    `SleepCallback` consolidates), not in this trainer's arguments: its layers would drop the prefix's cache."""
+    `SleepCallback` consolidates), not in this trainer's arguments: its layers would drop the prefix's cache.
+    `sharing_applies` sees the layers' flag; where it cannot (`seen=False`: a model that drops its cache some other
+    way), the prefix forward's empty cache sends the batch down SFT's own path all the same."""
+    if not seen:
+        monkeypatch.setattr("sleep_trl.trainers.shared_prefix_sft.sharing_applies", lambda trainer: True)
     model, _ = memory_model(tiny_tokenizer, "qwen2")
     t = trainer(model, tiny_tokenizer, tmp_path, share=True)
     t.model.gradient_checkpointing_enable()

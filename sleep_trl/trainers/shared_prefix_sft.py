@@ -66,20 +66,30 @@ class SharedPrefixSFTTrainer(SFTTrainer):
         shared = 0
         if not return_outputs and self._sharing_applies(inputs):
             shared = shared_prefix_length(inputs["input_ids"], inputs["labels"], inputs["attention_mask"]) - 1
-        stats = self.shared_prefix_stats
-        if self.model.training:
-            rows, width = inputs["input_ids"].shape
-            stats["batches"] += 1
-            stats["tokens"] += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else rows * width
-            stats["tokens_run"] += rows * width - ((rows - 1) * shared if shared >= MIN_SHARED_TOKENS else 0)
-        if shared < MIN_SHARED_TOKENS:
+        loss = None
+        if shared >= MIN_SHARED_TOKENS:
+            loss = self._shared_prefix_loss(model, inputs, shared, num_items_in_batch)
+        self._count_batch(inputs, shared if loss is not None else 0)
+        if loss is None:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        stats["shared_batches"] += 1
-        return self._shared_prefix_loss(model, inputs, shared, num_items_in_batch)
+        return loss
+
+    def _count_batch(self, inputs, shared: int) -> None:
+        """`shared_prefix_stats` of one training batch (`shared`: the prefix its forwards read once, 0 if none)."""
+        if not self.model.training:
+            return
+        stats = self.shared_prefix_stats
+        rows, width = inputs["input_ids"].shape
+        stats["batches"] += 1
+        stats["shared_batches"] += int(shared > 0)
+        stats["tokens"] += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else rows * width
+        stats["tokens_run"] += rows * width - (rows - 1) * shared
 
     def _shared_prefix_loss(self, model, inputs, shared: int, num_items_in_batch):
-        """The batch's mean token NLL with its first `shared` tokens run once (`shared` = common length - 1)."""
+        """The batch's mean token NLL with its first `shared` tokens run once (`shared` = common length - 1); None
+        when the model filled no cache from the prefix (layers that drop it, e.g. under activation checkpointing
+        switched on where `sharing_applies` cannot see it): the caller then runs SFT's own loss."""
         ids, labels, mask = inputs["input_ids"], inputs["labels"], inputs["attention_mask"]
         rows = ids.size(0)
         unwrapped = self.accelerator.unwrap_model(model)
@@ -88,6 +98,8 @@ class SharedPrefixSFTTrainer(SFTTrainer):
         # Position t predicts token t + 1: the prefix predicts tokens 1..shared (all shared), the rows the rest.
         prefix = model(input_ids=ids[:1, :shared], attention_mask=mask[:1, :shared], **{keyword: cache},
                        shift_labels=labels[:1, 1 : shared + 1], fused_lm_head=True)
+        if cache.get_seq_length() != shared:
+            return None
         cache.batch_repeat_interleave(rows)
         tail_labels = torch.cat([labels[:, shared + 1 :], labels.new_full((rows, 1), -100)], dim=1)
         tail = model(input_ids=ids[:, shared:], attention_mask=mask, **{keyword: cache}, shift_labels=tail_labels,
